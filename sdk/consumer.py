@@ -1,0 +1,260 @@
+"""Consuming a route: decode, validate, call the handler, then ack, retry or dead-letter.
+
+Outcomes of a delivery:
+- the handler returns: the reply goes out (for a call), then the delivery is acked;
+- the body cannot be decoded or validated, or the handler raises `Reject`: the
+  message goes to `<queue>.dead` with the reason in its headers;
+- the handler raises `Retry(delay_s)` or another exception: a copy with the
+  next attempt number goes through `<queue>.retry.<ms>` and comes back after
+  the delay; after the last attempt the message is dead-lettered instead.
+  A call is answered with the error at once and not retried: the caller decides;
+- the broker redelivers a message (its consumer died or lost the connection
+  mid-handler): a copy with a higher redelivery count replaces it, so a message
+  that kills its consumer ends in the dead-letter queue and never loops forever.
+Every copy is published with a confirm before the original is acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustQueue
+from loguru import logger
+
+from sdk import codec, names
+from sdk.context import Context
+from sdk.errors import BadMessage, NoRoute, Reject, Retry
+from sdk.handler import Invoker
+from sdk.service import RouteSpec
+
+if TYPE_CHECKING:
+    from sdk.runtime import ServiceRunner
+
+
+class RouteConsumer:
+    """Consumes the queue of one route (or event subscription) of a service."""
+
+    def __init__(self, runner: ServiceRunner, spec: RouteSpec, invoker: Invoker) -> None:
+        self.runner = runner
+        self.spec = spec
+        self.invoker = invoker
+        service = runner.spec.name
+        self.service = service
+        self.queue_name = spec.queue(service)
+        self.dead_queue = names.dead_queue(self.queue_name)
+        self.label = spec.label(service)
+        settings = runner.settings
+        self.max_attempts = 1 + (spec.retries if spec.retries is not None else settings.retries)
+        self.retry_delay_s = spec.retry_delay_s if spec.retry_delay_s is not None else settings.retry_delay_s
+        self.max_redeliveries = settings.max_redeliveries
+        self.queue: AbstractRobustQueue | None = None
+        self.consumer_tag: str | None = None
+
+    async def declare(self) -> None:
+        runner = self.runner
+        broker = runner.broker
+        arguments = {"x-queue-type": "quorum"} if runner.queue_type == "quorum" else None
+        self.queue = await broker.declare_queue(runner.channel, self.queue_name, arguments=arguments)
+        await self.queue.bind(runner.settings.exchange, self.spec.binding_key(self.service))
+        await broker.declare_queue(broker.publisher, self.dead_queue, arguments=arguments)
+
+    async def start(self) -> None:
+        assert self.queue is not None
+        self.consumer_tag = await self.queue.consume(self.runner.dispatch_to(self))
+
+    async def cancel(self) -> None:
+        if self.queue is None or self.consumer_tag is None:
+            return
+        tag, self.consumer_tag = self.consumer_tag, None
+        try:
+            await asyncio.wait_for(self.queue.cancel(tag), 5.0)
+        except Exception as exc:
+            logger.debug("consumer cancel failed queue={} error={}", self.queue_name, exc)
+
+    # Processing one delivery.
+
+    async def process(self, message: AbstractIncomingMessage) -> None:
+        headers = message.headers or {}
+        if message.redelivered and await self._count_redelivery(message, headers):
+            return
+        attempt = _int_header(headers, names.H_ATTEMPT, 1)
+        try:
+            body = self.invoker.convert(codec.decode(message.body, message.content_type))
+        except BadMessage as exc:
+            await self._bad_input(message, exc)
+            return
+        ctx = Context(
+            messenger=self.runner.messenger,
+            message=message,
+            body=body,
+            service=self.service,
+            route=self.spec.name,
+            attempt=attempt,
+        )
+        try:
+            result = await self.invoker(ctx, body)
+        except Reject as exc:
+            await self._reject(message, exc)
+        except Retry as exc:
+            await self._retry(message, attempt, exc.delay_s, exc.reason, exc)
+        except Exception as exc:
+            await self._failed(message, attempt, exc)
+        else:
+            if message.reply_to:
+                await self._reply(message, result)
+            self.runner.stats.processed += 1
+            await self.runner.settle(message)
+
+    async def _count_redelivery(self, message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> bool:
+        """Replace a redelivered message by a copy that counts the redelivery; True when done."""
+        count = _int_header(headers, names.H_REDELIVERIES, 0) + 1
+        if count > self.max_redeliveries:
+            reason = (
+                f"delivered {count} times without an ack: its consumer died or lost the "
+                "connection while handling it each time"
+            )
+            await self._dead_letter(message, "Redelivered", reason, None)
+            return True
+        copy = {**headers, names.H_REDELIVERIES: count}
+        await self._republish("", self.queue_name, message, copy)
+        await self.runner.settle(message)
+        logger.warning(
+            "message redelivered, requeued with a count queue={} redeliveries={}", self.queue_name, count
+        )
+        return True
+
+    async def _bad_input(self, message: AbstractIncomingMessage, exc: BadMessage) -> None:
+        logger.error("bad message dead-lettered queue={} error={}", self.queue_name, exc)
+        if message.reply_to:
+            await self._reply_error(message, "BadMessage", str(exc), exc.errors)
+        await self._dead_letter(message, "BadMessage", str(exc), None)
+
+    async def _reject(self, message: AbstractIncomingMessage, exc: Reject) -> None:
+        logger.warning("message rejected queue={} reason={}", self.queue_name, exc.reason)
+        if message.reply_to:
+            await self._reply_error(message, "Reject", exc.reason)
+        await self._dead_letter(message, "Reject", exc.reason, None)
+
+    async def _failed(self, message: AbstractIncomingMessage, attempt: int, exc: Exception) -> None:
+        error_type = type(exc).__name__
+        if message.reply_to:
+            logger.opt(exception=exc).error(
+                "handler failed, error sent to caller queue={} error_type={}", self.queue_name, error_type
+            )
+            self.runner.stats.failed += 1
+            await self._reply_error(message, error_type, str(exc))
+            await self.runner.settle(message)
+            return
+        delay_s = min(self.retry_delay_s * 2 ** (attempt - 1), self.runner.settings.retry_delay_max_s)
+        await self._retry(message, attempt, delay_s, f"{error_type}: {exc}", exc)
+
+    async def _retry(
+        self, message: AbstractIncomingMessage, attempt: int, delay_s: float, reason: str, exc: Exception
+    ) -> None:
+        error_type = type(exc).__name__
+        if attempt >= self.max_attempts:
+            logger.opt(exception=exc).error(
+                "handler failed, message dead-lettered queue={} attempts={} error={}",
+                self.queue_name,
+                attempt,
+                reason,
+            )
+            await self._dead_letter(message, error_type, reason, exc)
+            return
+        logger.warning(
+            "handler failed, retrying queue={} attempt={} delay_s={:g} error={}",
+            self.queue_name,
+            attempt,
+            delay_s,
+            reason,
+        )
+        headers = {**(message.headers or {}), names.H_ATTEMPT: attempt + 1}
+        delay_ms = max(int(delay_s * 1000), 1)
+        retry_queue = await self.runner.retry_queue(self.queue_name, delay_ms)
+        await self._republish("", retry_queue, message, headers)
+        self.runner.stats.failed += 1
+        await self.runner.settle(message)
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, error_type: str, reason: str, exc: BaseException | None
+    ) -> None:
+        headers = {
+            **(message.headers or {}),
+            names.H_ERROR_TYPE: error_type,
+            names.H_ERROR_REASON: reason[:4000],
+            names.H_FAILED_AT: time.time(),
+            names.H_FAILED_BY: self.runner.identity,
+            names.H_ORIGINAL_ROUTING_KEY: message.routing_key or "",
+        }
+        if exc is not None:
+            trace = "".join(traceback.format_exception(exc))
+            headers[names.H_ERROR_MESSAGE] = trace[-8000:]
+        await self._republish("", self.dead_queue, message, headers)
+        self.runner.stats.failed += 1
+        await self.runner.settle(message)
+
+    async def _republish(
+        self, exchange: str, routing_key: str, message: AbstractIncomingMessage, headers: Mapping[str, Any]
+    ) -> None:
+        broker = self.runner.broker
+        properties = broker.properties(
+            content_type=message.content_type or codec.BINARY,
+            headers=headers,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+        )
+        try:
+            await broker.publish(exchange, routing_key, message.body, properties)
+        except NoRoute:
+            # The queue was deleted under us: declare it again and publish once more.
+            await broker.declare_queue(broker.publisher, routing_key)
+            await broker.publish(exchange, routing_key, message.body, properties)
+
+    async def _reply(self, message: AbstractIncomingMessage, result: Any) -> None:
+        try:
+            data, content_type = codec.encode(result)
+        except TypeError as exc:
+            await self._reply_error(message, "TypeError", f"cannot encode the reply: {exc}")
+            return
+        headers = {names.H_STATUS: names.STATUS_OK}
+        await self._send_reply(message, data, content_type, headers)
+
+    async def _reply_error(
+        self,
+        message: AbstractIncomingMessage,
+        error_type: str,
+        text: str,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        payload: dict[str, Any] = {"type": error_type, "message": text}
+        if errors:
+            payload["errors"] = errors
+        headers = {names.H_STATUS: names.STATUS_ERROR}
+        await self._send_reply(message, orjson.dumps(payload), codec.JSON, headers)
+
+    async def _send_reply(
+        self, message: AbstractIncomingMessage, data: bytes, content_type: str, headers: dict[str, Any]
+    ) -> None:
+        broker = self.runner.broker
+        properties = broker.properties(
+            content_type=content_type,
+            headers=headers,
+            correlation_id=message.correlation_id,
+            persistent=False,
+        )
+        sent = await broker.publish_nowait("", message.reply_to or "", data, properties)
+        if not sent:
+            logger.warning("reply not sent, broker disconnected queue={}", self.queue_name)
+
+
+def _int_header(headers: Mapping[str, Any], name: str, default: int) -> int:
+    value = headers.get(name, default)
+    try:
+        return max(int(value), default)
+    except (TypeError, ValueError):
+        return default
