@@ -230,6 +230,7 @@ class ServiceHost:
         self._task_group: asyncio.TaskGroup | None = None
         self._retry_queues: dict[str, float] = {}
         self._started = False
+        self._drained = False
 
     @property
     def task_group(self) -> asyncio.TaskGroup:
@@ -287,6 +288,14 @@ class ServiceHost:
         """Cancel the consumers, let handlers finish within `timeout_s`, ack, run `on_stop`, close."""
         if self._task_group is None:
             return
+        await self.drain(timeout_s)
+        await self.close()
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Stop consuming and wait for the handlers in flight; the connection stays open."""
+        if self._task_group is None or self._drained:
+            return
+        self._drained = True
         timeout_s = self.settings.stop_timeout_s if timeout_s is None else timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s
         for runner in self.runners:
@@ -294,6 +303,9 @@ class ServiceHost:
         await asyncio.gather(*(runner.drain(deadline) for runner in self.runners))
         for runner in self.runners:
             await runner.stop_hook()
+
+    async def close(self) -> None:
+        """Close the connection; call `drain()` first to stop cleanly."""
         await self._close(None)
 
     async def _close(self, exc: BaseException | None) -> None:
