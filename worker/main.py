@@ -54,6 +54,10 @@ def load_target(target: str, resolved: SettingsModel) -> list[ServiceSpec]:
         specs = registry.specs(resolved.service_name)
     except DefinitionError as exc:
         raise ConfigurationError(f"invalid service definition in {module_name!r}: {exc}") from exc
+    # A module that imports another service's module (for its models, say) must not
+    # serve that service too: prefer what the target itself defines.
+    own = [spec for spec in specs if _defined_in(spec, module_name)]
+    specs = own or specs
     if wanted:
         specs = [s for s in specs if wanted in (s.name, s.cls.__name__ if s.cls else None)]
         if not specs:
@@ -64,6 +68,15 @@ def load_target(target: str, resolved: SettingsModel) -> list[ServiceSpec]:
             "or decorate a function with @microservice"
         )
     return specs
+
+
+def _defined_in(spec: ServiceSpec, module_name: str) -> bool:
+    """Say whether a service is defined in `module_name` or one of its submodules."""
+    if spec.cls is not None:
+        modules = {spec.cls.__module__}
+    else:
+        modules = {getattr(route.func, "__module__", "") for route in spec.routes}
+    return any(m == module_name or m.startswith(module_name + ".") for m in modules)
 
 
 def fail_configuration(message: str, exc: BaseException | None) -> None:
@@ -102,10 +115,19 @@ def _serve(specs: list[ServiceSpec], resolved: SettingsModel) -> int:
     try:
         worker = Worker(specs, resolved)
         uvloop.run(worker.run())
-    except DefinitionError as exc:
-        logger.opt(exception=exc).error("invalid service definition: {}", exc)
-        return names.EXIT_CONFIG
     except Exception as exc:
-        logger.opt(exception=exc).error("worker failed: {}: {}", type(exc).__name__, exc)
+        error = _single_error(exc)
+        if isinstance(error, DefinitionError):
+            logger.opt(exception=error).error("invalid service definition: {}", error)
+            return names.EXIT_CONFIG
+        logger.opt(exception=error).error("worker failed: {}: {}", type(error).__name__, error)
         return 1
     return 0
+
+
+def _single_error(exc: BaseException) -> BaseException:
+    """Return the only error inside (nested) exception groups, or `exc` when there are several."""
+    # ServiceHost.start() raises a failure of start-up wrapped in the ExceptionGroup of its task group.
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

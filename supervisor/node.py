@@ -1,0 +1,558 @@
+"""The supervisor of one node: every service's instances, their health, the broker, shutdown.
+
+`Node.run()` is `mrq-supervisor start`: it opens the registry, resolves and
+connects to the broker, adopts the instances a previous supervisor left
+behind, starts the rest, watches them, and on SIGTERM or SIGINT stops them
+all in parallel. SIGHUP reloads supervisor.toml.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack, suppress
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiormq
+import anyio
+from loguru import logger
+
+from sdk import __version__, names
+from sdk.codec import JSON
+from sdk.connection import Broker
+from sdk.errors import BrokerUnavailable, MrqError
+from sdk.messenger import Messenger
+from sdk.settings import SettingsModel
+from sdk.settings import settings as sdk_settings
+from sdk.wire import Goodbye, Heartbeat, Hello, NodeStatus
+from supervisor import keys, logfiles
+from supervisor.broker import PrivateBroker, resolve_broker
+from supervisor.config import ConfigError, ServiceConfig, SupervisorConfig, SupervisorSettings, load_config
+from supervisor.events import EventBus
+from supervisor.group import ServiceGroup
+from supervisor.heartbeats import HeartbeatListener
+from supervisor.instance import Instance
+from supervisor.policy import LIVE_STATES, State
+from supervisor.process import SpawnSpec
+from supervisor.registry import InstanceRecord, Registry, RouteInfo, ServiceRecord, registry_path
+from supervisor.sampler import Sampler
+
+SAMPLE_INTERVAL_S = 5.0
+ROTATE_INTERVAL_S = 10.0
+PRESENCE_INTERVAL_S = 10.0
+SHUTDOWN_GRACE_S = 10.0
+ORPHAN_MARKER = "MRQ_SUPERVISOR_STATE_DIR"
+
+
+class NodeContext(Protocol):
+    """What an instance needs from its node."""
+
+    node: str
+    settings: SupervisorSettings
+    broker_connected: bool
+    connected_since_mono: float
+    reconnected: bool
+
+    def spawn_spec(self, instance: Instance) -> SpawnSpec: ...
+    async def event(self, kind: str, instance: Instance, **data: Any) -> None: ...
+    def instance_changed(self, instance: Instance) -> None: ...
+    def instance_removed(self, instance: Instance) -> None: ...
+    def routes_announced(self, service: str, hello: Hello) -> None: ...
+    async def wait_for(self, predicate: Callable[[], bool]) -> None: ...
+
+
+class StartupError(Exception):
+    """The supervisor cannot start; the message says why and what to change."""
+
+
+class Node:
+    """Runs and watches every service instance of one node."""
+
+    def __init__(self, config: SupervisorConfig) -> None:
+        self.config = config
+        self.settings = config.supervisor
+        self.node = self.settings.node
+        self.state_dir = self.settings.state_dir
+        self.groups: dict[str, ServiceGroup] = {}
+        self.broker_connected = False
+        self.connected_since_mono = time.monotonic()
+        self.reconnected = False
+        self.started_at = time.time()
+        self.key = b""
+        self.broker_url = ""
+        self.sdk_settings: SettingsModel | None = None
+        self.broker: Broker | None = None
+        self.messenger: Messenger | None = None
+        self.private_broker: PrivateBroker | None = None
+        self.registry = Registry(registry_path(self.state_dir))
+        self.events = EventBus(self.node, self.registry)
+        self.sampler = Sampler()
+        self.own_cpu_percent = 0.0
+        self.own_rss_bytes = 0
+        self.listener: HeartbeatListener | None = None
+        self.task_group: asyncio.TaskGroup | None = None
+        self.stop_requested = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.reload_requested = asyncio.Event()
+        self.routes: dict[str, list[RouteInfo]] = {}
+        self.extensions: list[Any] = []
+        self._changed = asyncio.Event()
+        self._health_wake = asyncio.Event()
+        self._dirty: set[Instance] = set()
+        self._flush_wake = asyncio.Event()
+
+    # NodeContext.
+
+    def spawn_spec(self, instance: Instance) -> SpawnSpec:
+        config = instance.config
+        log_path = logfiles.instance_log_path(self.state_dir, instance.service, instance.index)
+        argv = [config.python, "-m", "worker"] if config.module else list(config.command or [])
+        return SpawnSpec(
+            argv=argv,
+            env=self.instance_env(instance.service, instance.index, config),
+            cwd=config.cwd,
+            stdout_path=log_path,
+            stderr_path=log_path,
+        )
+
+    def instance_env(self, service: str, index: int, config: ServiceConfig) -> dict[str, str]:
+        """Return the environment of an instance: the supervisor's, the service's env, then mrq's settings."""
+        settings = self.settings
+        drain_s = max(0.1, config.stop_timeout_s - min(1.0, config.stop_timeout_s / 4))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MRQ_")}
+        env.update(config.env)
+        env.update(
+            {
+                "MRQ_BROKER_URL": self.broker_url,
+                "MRQ_EXCHANGE": settings.exchange,
+                "MRQ_NODE": self.node,
+                "MRQ_SERVICE_NAME": service,
+                "MRQ_INSTANCE": str(index),
+                "MRQ_HEARTBEAT_INTERVAL_S": repr(settings.heartbeat_interval_s),
+                "MRQ_HEARTBEAT_MISSES": str(settings.heartbeat_misses),
+                "MRQ_STOP_TIMEOUT_S": repr(drain_s),
+                "MRQ_CLUSTER_KEY": self.key.decode(),
+                "MRQ_COMMAND_MAX_AGE_S": repr(settings.command_max_age_s),
+                "MRQ_LOG_LEVEL": settings.log_level,
+                "MRQ_LOG_FORMAT": settings.log_format,
+                "MRQ_PREFETCH": str(config.prefetch),
+                "MRQ_CONCURRENCY": str(config.concurrency),
+                "MRQ_QUEUE_TYPE": config.queue_type,
+                ORPHAN_MARKER: str(self.state_dir),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        if config.module:
+            env["MRQ_TARGET"] = config.module
+        return env
+
+    async def event(self, kind: str, instance: Instance, **data: Any) -> None:
+        await self.events.publish(kind, instance.service, instance.index, **data)
+
+    def instance_changed(self, instance: Instance) -> None:
+        self._dirty.add(instance)
+        self._flush_wake.set()
+        self._health_wake.set()
+        self._changed.set()
+
+    def instance_removed(self, instance: Instance) -> None:
+        self._dirty.discard(instance)
+        if self.task_group is not None:
+            self.task_group.create_task(self.registry.remove_instance(instance.service, instance.index))
+
+    def routes_announced(self, service: str, hello: Hello) -> None:
+        routes = [
+            RouteInfo(service=r.service, route=r.route, queue=r.queue, kind=r.kind) for r in hello.routes
+        ]
+        if self.routes.get(service) == routes:
+            return
+        self.routes[service] = routes
+        if self.task_group is not None:
+            self.task_group.create_task(self._store_routes(service, routes))
+
+    async def _store_routes(self, service: str, routes: list[RouteInfo]) -> None:
+        try:
+            await self.registry.set_routes(service, routes)
+        except Exception as exc:
+            logger.warning("routes not stored service={} error={}", service, exc)
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            self._changed.clear()
+            await self._changed.wait()
+
+    # Queries used by the control plane, the dashboard and the start-up table.
+
+    def instances(self) -> list[Instance]:
+        return [instance for group in self.groups.values() for instance in group.instances]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "version": __version__,
+            "started_at": self.started_at,
+            "broker_connected": self.broker_connected,
+            "cpu_percent": round(self.own_cpu_percent, 2),
+            "rss_bytes": self.own_rss_bytes,
+            "services": {
+                name: {
+                    "kind": group.config.kind,
+                    "replicas": group.replicas,
+                    "routes": [r.__dict__ for r in self.routes.get(name, [])],
+                }
+                for name, group in self.groups.items()
+            },
+            "instances": [instance.snapshot() for instance in self.instances()],
+        }
+
+    # The main task.
+
+    async def run(self) -> int:
+        """Run until a signal or a shutdown command; return the exit code."""
+        from supervisor.startup import Startup
+
+        startup = Startup(self)
+        async with AsyncExitStack() as stack:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            await self.registry.open()
+            stack.push_async_callback(self.registry.close)
+            startup.show_known_services(await self.registry.services(), await self.registry.instances())
+            self.key = await anyio.to_thread.run_sync(keys.load_or_create, self.settings)
+            await self._connect_broker(stack)
+            self._install_signal_handlers()
+            try:
+                async with asyncio.TaskGroup() as task_group:
+                    self.task_group = task_group
+                    await self._start(task_group, startup)
+                    await self._serve()
+                    await self._shutdown()
+                    raise _Done
+            except* _Done:
+                pass
+        logger.info("supervisor stopped node={}", self.node)
+        return 0
+
+    async def _connect_broker(self, stack: AsyncExitStack) -> None:
+        timeout_s = self.settings.start_timeout_s
+        url, private = await resolve_broker(self.settings.broker, self.state_dir, timeout_s)
+        self.broker_url, self.private_broker = url, private
+        if private is not None:
+            stack.push_async_callback(self._stop_private_broker)
+            await self.registry.set_meta("private_broker_url", url)
+        self.sdk_settings = sdk_settings.resolve(
+            broker_url=url,
+            exchange=self.settings.exchange,
+            node=self.node,
+            cluster_key=self.key.decode(),
+            publish_timeout_s=5.0,
+            connect_timeout_s=min(10.0, timeout_s),
+        )
+        self.broker = Broker(
+            self.sdk_settings, connection_name=f"mrq supervisor node={self.node} pid={os.getpid()}"
+        )
+        try:
+            await self.broker.connect()
+        except BrokerUnavailable as exc:
+            raise StartupError(str(exc)) from None
+        stack.push_async_callback(self.broker.close)
+        self.broker.add_listener(self._on_connection_change)
+        self.broker_connected = True
+        self.connected_since_mono = time.monotonic()
+        self.messenger = Messenger(self.broker)
+        await self.messenger.start()
+        await self.broker.declare_exchange(self.settings.control_exchange)
+        self.events.broker = self.broker
+        ttl_s = self.settings.heartbeat_interval_s * self.settings.heartbeat_misses
+        self.listener = HeartbeatListener(self.broker, self.node, ttl_s, self._on_worker_message)
+        await self.listener.start()
+        await self.listener.set_streaming(True)
+
+    async def _stop_private_broker(self) -> None:
+        if self.private_broker is not None:
+            logger.info("stopping the private broker node={}", self.private_broker.node_name)
+            with anyio.CancelScope(shield=True):
+                await self.private_broker.stop()
+
+    def _on_connection_change(self, up: bool) -> None:
+        self.broker_connected = up
+        if up:
+            self.connected_since_mono = time.monotonic()
+            self.reconnected = True
+        else:
+            for instance in self.instances():
+                if instance.state in LIVE_STATES:
+                    instance.outage_during_run = True
+        logger.info("broker {} node={}", "connected" if up else "disconnected", self.node)
+        self._health_wake.set()
+
+    def _on_worker_message(self, message: Hello | Heartbeat | Goodbye) -> None:
+        group = self.groups.get(message.service)
+        if group is None or message.node != self.node or message.instance >= group.replicas:
+            return
+        group.instances[message.instance].on_worker_message(message)
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_stop(signum: int) -> None:
+            name = signal.Signals(signum).name
+            if self.stop_requested.is_set():
+                logger.warning("second signal, killing instances now signal={}", name)
+                self.hurry.set()
+            else:
+                logger.info("stopping signal={}", name)
+                self.stop_requested.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
+
+    async def _start(self, task_group: asyncio.TaskGroup, startup: Any) -> None:
+        from supervisor.adoption import adopt_leftovers
+
+        for name, config in self.config.services.items():
+            group = ServiceGroup(self, name, config)
+            self.groups[name] = group
+            for _ in range(config.replicas):
+                group.add_instance(task_group)
+            await self.registry.upsert_service(_service_record(name, config))
+        await adopt_leftovers(self)
+        for background in (
+            self._health_loop,
+            self._sample_loop,
+            self._rotate_loop,
+            self._flush_loop,
+            self._presence_loop,
+        ):
+            task_group.create_task(background())
+        await self.events.publish("node.started", None, None, pid=os.getpid(), version=__version__)
+        for extension in self.extensions:
+            await extension.start(self)
+        for group in self.groups.values():
+            group.start_all()
+        await startup.wait_ready_and_report()
+
+    async def _serve(self) -> None:
+        while not self.stop_requested.is_set():
+            stop = asyncio.ensure_future(self.stop_requested.wait())
+            reload = asyncio.ensure_future(self.reload_requested.wait())
+            try:
+                await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                reload.cancel()
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                await self.reload()
+
+    def request_shutdown(self) -> None:
+        self.stop_requested.set()
+
+    async def _shutdown(self) -> None:
+        instances = self.instances()
+        live = sum(1 for i in instances if i.state in LIVE_STATES)
+        logger.info("stopping all instances node={} live={}", self.node, live)
+        await self.events.publish("node.stopping", None, None, live=live)
+        for extension in reversed(self.extensions):
+            await extension.stop()
+        for group in self.groups.values():
+            group.stop_all()
+        deadline_s = (
+            max((g.config.stop_timeout_s for g in self.groups.values()), default=0) + SHUTDOWN_GRACE_S
+        )
+        waiter = asyncio.ensure_future(self.wait_for(lambda: all(not _live(i) for i in self.instances())))
+        hurry = asyncio.ensure_future(self.hurry.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {waiter, hurry}, timeout=deadline_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if waiter not in done:
+                self._kill_all()
+                await asyncio.wait_for(waiter, SHUTDOWN_GRACE_S)
+        finally:
+            waiter.cancel()
+            hurry.cancel()
+        await self._publish_presence("down")
+        await self._flush_dirty()
+
+    def _kill_all(self) -> None:
+        for instance in self.instances():
+            if instance.process is not None:
+                instance.process.kill_group()
+
+    # Reload.
+
+    async def reload(self) -> dict[str, Any]:
+        """Apply a changed supervisor.toml; only services whose settings changed are touched."""
+        from supervisor.reload import apply_reload
+
+        try:
+            new = await anyio.to_thread.run_sync(load_config, self.config.path)
+        except ConfigError as exc:
+            logger.error("reload failed, configuration kept:\n{}", exc)
+            await self.events.publish("config.reload_failed", None, None, error=str(exc))
+            return {"ok": False, "error": str(exc)}
+        assert self.task_group is not None
+        summary = await apply_reload(self, new, self.task_group)
+        self.config = new
+        await self.events.publish("config.reloaded", None, None, **summary)
+        return {"ok": True, **summary}
+
+    # Background loops.
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                await self._health_step()
+            except (ConnectionError, TimeoutError, MrqError, aiormq.exceptions.AMQPError) as exc:
+                logger.warning("health check interrupted error={}", exc)
+                await asyncio.sleep(1.0)
+
+    async def _health_step(self) -> None:
+        listener = self.listener
+        assert listener is not None
+        instances = self.instances()
+        await listener.set_streaming(any(i.state == State.STARTING and i.uses_heartbeat for i in instances))
+        deadlines = [d for i in instances if (d := i.health_deadline()) is not None]
+        now = time.monotonic()
+        timeout_s = max(0.0, min(deadlines) - now) if deadlines else 5.0
+        self._health_wake.clear()
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._health_wake.wait(), min(timeout_s, 5.0))
+        now = time.monotonic()
+        if self.broker_connected and any(d <= now for d in deadlines):
+            await listener.pull()
+            now = time.monotonic()
+        for instance in self.instances():
+            instance.check_health(now)
+
+    async def _sample_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
+            await self.sample()
+
+    async def sample(self) -> None:
+        """Take psutil figures of every instance now, in a thread, and apply the memory limits."""
+        live = {i.pid: i for i in self.instances() if i.pid is not None}
+        figures = await anyio.to_thread.run_sync(self.sampler.sample, list(live))
+        self.own_cpu_percent, self.own_rss_bytes = await anyio.to_thread.run_sync(self.sampler.own)
+        now = time.time()
+        for pid, instance in live.items():
+            figure = figures.get(pid)
+            if figure is None:
+                continue
+            metrics = instance.metrics
+            metrics.cpu_percent = figure.cpu_percent
+            metrics.rss_bytes = figure.rss_bytes
+            metrics.open_files = figure.open_files
+            metrics.threads = figure.threads
+            metrics.processes = figure.processes
+            metrics.sampled_at = figure.sampled_at
+            instance.check_memory(now)
+
+    async def _rotate_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ROTATE_INTERVAL_S)
+            paths = [logfiles.instance_log_path(self.state_dir, i.service, i.index) for i in self.instances()]
+            await anyio.to_thread.run_sync(self._rotate, paths)
+
+    def _rotate(self, paths: list[Path]) -> None:
+        for path in paths:
+            try:
+                if logfiles.rotate_if_needed(path, self.settings.log_max_bytes, self.settings.log_backups):
+                    logger.info("log rotated path={}", path)
+            except OSError as exc:
+                logger.warning("log rotation failed path={} error={}", path, exc)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._flush_wake.wait()
+            self._flush_wake.clear()
+            await self._flush_dirty()
+
+    async def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for instance in dirty:
+            try:
+                await self.registry.put_instance(_instance_record(self, instance))
+            except Exception as exc:
+                logger.warning(
+                    "instance not stored service={} instance={} error={}",
+                    instance.service,
+                    instance.index,
+                    exc,
+                )
+
+    async def _presence_loop(self) -> None:
+        while True:
+            await self._publish_presence("up")
+            await asyncio.sleep(PRESENCE_INTERVAL_S)
+
+    async def _publish_presence(self, state: str) -> None:
+        broker = self.broker
+        if broker is None or not broker.connected:
+            return
+        status = NodeStatus(
+            node=self.node,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            version=__version__,
+            started_at=self.started_at,
+            sent_at=time.time(),
+            state="up" if state == "up" else "down",
+            dashboard_url=getattr(self, "dashboard_url", None),
+        )
+        properties = broker.properties(content_type=JSON, persistent=False)
+        await broker.publish_nowait(
+            self.settings.control_exchange,
+            names.supervisor_presence_key(self.node),
+            status.to_json(),
+            properties,
+        )
+
+
+class _Done(Exception):
+    """Ends the node's task group after a clean shutdown."""
+
+
+def _live(instance: Instance) -> bool:
+    return instance.state in LIVE_STATES or instance.process is not None
+
+
+def _service_record(name: str, config: ServiceConfig) -> ServiceRecord:
+    return ServiceRecord(
+        name=name,
+        kind=config.kind,
+        target=config.module or " ".join(config.command or []),
+        fingerprint=config.fingerprint(),
+        replicas=config.replicas,
+        routes=[],
+        updated_at=time.time(),
+    )
+
+
+def _instance_record(node: Node, instance: Instance) -> InstanceRecord:
+    process = instance.process
+    exit_status = instance.last_exit
+    return InstanceRecord(
+        service=instance.service,
+        index=instance.index,
+        pid=process.pid if process is not None else None,
+        start_time=process.start_time if process is not None else None,
+        state=str(instance.state),
+        restarts=instance.restarts,
+        last_exit_code=exit_status.code if exit_status else None,
+        last_exit_signal=exit_status.signal if exit_status else None,
+        last_exit_reason=instance.last_exit_reason,
+        last_exit_at=instance.last_exit_at,
+        started_at=instance.started_at,
+        ready_at=instance.ready_at,
+        log_path=logfiles.instance_log_path(node.state_dir, instance.service, instance.index),
+    )
