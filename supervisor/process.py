@@ -99,9 +99,10 @@ class ExitStatus:
 
 
 def process_start_time(pid: int) -> float | None:
-    """Return the creation time of process pid in seconds since the epoch, or None if none runs.
+    """Return when process pid was created, in seconds since the epoch, or None if it is gone.
 
-    The kernel counts it in clock ticks (10 ms), and a zombie still has it.
+    The kernel counts it in clock ticks of 10 ms (USER_HZ is 100 on Linux), and a zombie still
+    has it.
     """
     try:
         return psutil.Process(pid).create_time()
@@ -112,7 +113,7 @@ def process_start_time(pid: int) -> float | None:
 def same_process(pid: int, start_time: float) -> bool:
     """Return whether pid still names the process that started at start_time.
 
-    A pid is reused after its process is reaped, so the start time tells the two apart.
+    A pid is reused after its process is reaped, so the start time distinguishes the two.
     """
     current_start_time = process_start_time(pid)
     if current_start_time is None:
@@ -226,7 +227,7 @@ class WatchedProcess(ABC):
             _signal_name(signal),
             timeout_s,
         )
-        return await self.wait()
+        return await self._kill(kill_timeout_s)
 
     async def _kill(self, kill_timeout_s: float) -> ExitStatus:
         self._signal_group(SIGKILL)
@@ -251,7 +252,7 @@ class WatchedProcess(ABC):
         """Collect the exit status of the exited process. Return False if it is not ready."""
         if self._stop_requested and self._leads_group():
             # A child's unreaped leader keeps the group id from being reused. An adopted
-            # leader may be reaped already, so its group may hold only leftover processes.
+            # leader may be reaped already, so its group may contain only leftover processes.
             _kill_group_quietly(self._pgid)
 
         status = self._collect_status()
@@ -321,7 +322,7 @@ class _UnreapedPopen(subprocess.Popen[bytes]):
 class ChildProcess(WatchedProcess):
     """A process that this supervisor spawned and reaps.
 
-    The child leads its own session and process group and holds no pipe to the supervisor,
+    The child leads its own session and process group and has no pipe to the supervisor,
     so it outlives the supervisor and can be adopted by its next run.
     """
 
@@ -334,7 +335,7 @@ class ChildProcess(WatchedProcess):
 
         Raises SpawnError naming the program, the cwd or the output file, with the OS error.
         """
-        # Popen returns after the child's exec, and the calling thread stands still until
+        # Popen returns after the child's exec, and vfork suspends the calling thread until
         # then. That took 0.2-0.3 ms on an idle 2-core VM but several ms with both cores
         # busy, so it runs in a worker thread, which added about 0.2 ms (test_spawn_latency
         # prints the figures). The shield keeps the pid from being lost when the caller is
@@ -383,7 +384,8 @@ class AdoptedProcess(WatchedProcess):
         except ProcessLookupError:
             return None
 
-        # Checked after pidfd_open, so a match proves that the pidfd refers to that process.
+        # The start time is checked after pidfd_open, so a match proves that the pidfd refers
+        # to that process.
         try:
             pgid = os.getpgid(pid)
         except ProcessLookupError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import stat
@@ -26,12 +27,16 @@ from supervisor.process import (
     SpawnError,
     SpawnSpec,
     StopError,
+    WatchedProcess,
     process_start_time,
     same_process,
 )
 
 PYTHON = sys.executable
 PR_SET_CHILD_SUBREAPER = 36
+# Bound for every wait in these tests. pytest-timeout cannot always interrupt an event loop
+# that waits in a callback, so a hang would otherwise last until the sleep 300 ends.
+DEADLINE_S = 30.0
 TERM_IGNORING_SLEEP = "trap '' TERM; echo ready; exec sleep 300"
 
 # Runs its arguments as a child and reaps every process that is reparented to it, so the
@@ -127,7 +132,7 @@ def kill_and_reap(pid: int) -> None:
 
 
 async def read_lines(path: Path, count: int, timeout_s: float = 20.0) -> list[str]:
-    """Wait until path holds count complete lines and return them."""
+    """Wait until path contains count complete lines and return them."""
     with anyio.fail_after(timeout_s):
         while True:
             text = read_text_if_exists(path)
@@ -135,6 +140,33 @@ async def read_lines(path: Path, count: int, timeout_s: float = 20.0) -> list[st
             if text.endswith("\n") and len(lines) >= count:
                 return lines
             await anyio.sleep(0.01)
+
+
+async def wait_for(process: WatchedProcess, timeout_s: float = DEADLINE_S) -> ExitStatus:
+    """Wait for process to exit, failing the test instead of hanging if it does not."""
+    with anyio.fail_after(timeout_s):
+        return await process.wait()
+
+
+async def stop_within(
+    process: WatchedProcess, deadline_s: float = DEADLINE_S, **stop_args: Any
+) -> ExitStatus:
+    """Stop process, failing the test instead of hanging if stop() does not return."""
+    with anyio.fail_after(deadline_s):
+        return await process.stop(**stop_args)
+
+
+@contextlib.contextmanager
+def stdin_replaced_by_pipe() -> Iterator[None]:
+    saved_stdin = os.dup(0)
+    read_fd, write_fd = os.pipe()
+    try:
+        os.dup2(read_fd, 0)
+        yield
+    finally:
+        os.dup2(saved_stdin, 0)
+        for fd in (saved_stdin, read_fd, write_fd):
+            os.close(fd)
 
 
 def read_text_if_exists(path: Path) -> str:
@@ -199,7 +231,7 @@ async def test_backend_runs_requested_loop(anyio_backend: tuple[str, dict[str, b
 async def test_exit_code_reported(spawn: Spawn) -> None:
     child = await spawn(["sh", "-c", "exit 3"])
 
-    status = await child.wait()
+    status = await wait_for(child)
 
     assert status == ExitStatus(code=3, signal=None)
     assert child.exit_status == status
@@ -214,7 +246,7 @@ async def test_signal_reported(spawn: Spawn) -> None:
     assert child.returncode is None
 
     child.send_signal(SIGKILL)
-    status = await child.wait()
+    status = await wait_for(child)
 
     assert status == ExitStatus(code=None, signal=SIGKILL)
     assert status.describe() == "killed by SIGKILL"
@@ -229,7 +261,7 @@ async def test_exit_noticed_at_once(spawn: Spawn) -> None:
         child = await spawn(["sleep", "300"])
         started_at = time.perf_counter()
         os.kill(child.pid, SIGKILL)
-        await child.wait()
+        await wait_for(child)
         latencies_s.append(time.perf_counter() - started_at)
 
     print(
@@ -251,13 +283,13 @@ async def test_spawn_latency(spawn: Spawn, tmp_path: Path) -> None:
         call_started_at = time.perf_counter()
         child = await spawn(["date", "+%s.%N"], stdout_path=out)
         spawn_call_s.append(time.perf_counter() - call_started_at)
-        await child.wait()
+        await wait_for(child)
         exec_delay_s.append(float(out.read_text()) - started_at)
 
         out = tmp_path / f"python-{index}.log"
         started_at = time.time()
         child = await spawn([PYTHON, "-c", "import time; print(time.time())"], stdout_path=out)
-        await child.wait()
+        await wait_for(child)
         python_delay_s.append(float(out.read_text()) - started_at)
 
     print(
@@ -278,7 +310,7 @@ async def test_output_appended_across_spawns(spawn: Spawn, tmp_path: Path) -> No
     for run in (1, 2):
         script = f"echo out{run}; echo err{run} >&2"
         child = await spawn(["sh", "-c", script], stdout_path=stdout_path, stderr_path=stderr_path)
-        assert (await child.wait()).success
+        assert (await wait_for(child)).success
 
     assert stdout_path.read_text() == "out1\nout2\n"
     assert stderr_path.read_text() == "err1\nerr2\n"
@@ -297,7 +329,7 @@ async def test_output_shared_file(spawn: Spawn, tmp_path: Path) -> None:
         stdout_path=log_path,
         stderr_path=log_path,
     )
-    await child.wait()
+    await wait_for(child)
 
     assert log_path.read_text() == "out\nerr\nout2\n"
 
@@ -311,8 +343,11 @@ async def test_child_gets_env_cwd_and_devnull(spawn: Spawn, tmp_path: Path) -> N
     env = {"PATH": os.environ["PATH"], "MRQ_TEST_VALUE": "42"}
     script = 'echo "$MRQ_TEST_VALUE"; echo "$HOME"; pwd; readlink /proc/$$/fd/0; cat'
 
-    child = await spawn(["sh", "-c", script], stdout_path=out, env=env, cwd=work_dir)
-    await child.wait()
+    # Our own stdin becomes a pipe meanwhile, so a child that inherited it would show a pipe
+    # and block in cat instead of reading end of file from /dev/null.
+    with stdin_replaced_by_pipe():
+        child = await spawn(["sh", "-c", script], stdout_path=out, env=env, cwd=work_dir)
+    await wait_for(child)
 
     assert out.read_text().splitlines() == ["42", "", str(work_dir), "/dev/null"]
 
@@ -323,9 +358,10 @@ async def test_child_inherits_no_descriptor(spawn: Spawn, tmp_path: Path) -> Non
     out = tmp_path / "fds.log"
     read_fd, write_fd = os.pipe()
     os.set_inheritable(write_fd, True)
+    script = f"ls /proc/$$/fd/{write_fd} || echo closed"
     try:
-        child = await spawn(["sh", "-c", f"ls /proc/$$/fd/{write_fd} || echo closed"], stdout_path=out)
-        await child.wait()
+        child = await spawn(["sh", "-c", script], stdout_path=out)
+        await wait_for(child)
     finally:
         os.close(read_fd)
         os.close(write_fd)
@@ -342,7 +378,7 @@ async def test_child_leads_new_session(spawn: Spawn) -> None:
     assert os.getpgid(child.pid) == child.pid
     assert os.getsid(child.pid) == child.pid
     assert child.start_time == process_start_time(child.pid)
-    await child.stop(timeout_s=10)
+    await stop_within(child, timeout_s=10)
 
 
 @pytest.mark.anyio
@@ -352,7 +388,7 @@ async def test_stop_escalates_to_sigkill(spawn: Spawn, tmp_path: Path) -> None:
     await read_lines(tmp_path / "out.log", 1)
 
     started_at = time.perf_counter()
-    status = await child.stop(timeout_s=0.5)
+    status = await stop_within(child, timeout_s=0.5)
     elapsed_s = time.perf_counter() - started_at
 
     assert status == ExitStatus(code=None, signal=SIGKILL)
@@ -366,7 +402,7 @@ async def test_stop_returns_on_sigterm(spawn: Spawn) -> None:
     child = await spawn(["sleep", "300"])
 
     started_at = time.perf_counter()
-    status = await child.stop(timeout_s=30)
+    status = await stop_within(child, timeout_s=30)
     elapsed_s = time.perf_counter() - started_at
 
     assert status == ExitStatus(code=None, signal=SIGTERM)
@@ -378,7 +414,7 @@ async def test_stop_returns_on_sigterm(spawn: Spawn) -> None:
 async def test_stop_sends_requested_signal(spawn: Spawn) -> None:
     child = await spawn(["sleep", "300"])
 
-    status = await child.stop(timeout_s=30, signal=2)
+    status = await stop_within(child, timeout_s=30, signal=2)
 
     assert status == ExitStatus(code=None, signal=2)
 
@@ -387,10 +423,10 @@ async def test_stop_sends_requested_signal(spawn: Spawn) -> None:
 @pytest.mark.timeout(30)
 async def test_stop_after_exit_is_idempotent(spawn: Spawn) -> None:
     child = await spawn(["sh", "-c", "exit 4"])
-    exited = await child.wait()
+    exited = await wait_for(child)
 
-    first = await child.stop(timeout_s=1)
-    second = await child.stop(timeout_s=1)
+    first = await stop_within(child, timeout_s=1)
+    second = await stop_within(child, timeout_s=1)
 
     assert first == exited
     assert second == exited
@@ -402,7 +438,7 @@ async def test_stop_reaps_unwaited_exit(spawn: Spawn) -> None:
     child = await spawn(["sh", "-c", "exit 5"])
     await wait_until_dead(child.pid)
 
-    status = await child.stop(timeout_s=10)
+    status = await stop_within(child, timeout_s=10)
 
     assert status == ExitStatus(code=5, signal=None)
 
@@ -422,7 +458,7 @@ async def test_stop_kills_grandchildren(
     subreaper.append(grandchild)
     assert os.getpgid(grandchild) == child.pgid
 
-    status = await child.stop(timeout_s=1)
+    status = await stop_within(child, timeout_s=1)
 
     expected_signal = SIGKILL if leader_ignores_term else SIGTERM
     assert status == ExitStatus(code=None, signal=expected_signal)
@@ -440,7 +476,7 @@ async def test_kill_group_after_exit_kills_leftovers(
     (grandchild_line,) = await read_lines(tmp_path / "out.log", 1)
     grandchild = int(grandchild_line)
     subreaper.append(grandchild)
-    assert (await child.wait()).success
+    assert (await wait_for(child)).success
 
     child.kill_group()
 
@@ -456,7 +492,7 @@ async def test_cancelled_stop_still_kills(spawn: Spawn, tmp_path: Path) -> None:
     await read_lines(tmp_path / "out.log", 1)
 
     with anyio.move_on_after(0.5) as scope:
-        await child.stop(timeout_s=60)
+        await stop_within(child, timeout_s=60)
 
     assert scope.cancelled_caught
     assert child.exit_status == ExitStatus(code=None, signal=SIGKILL)
@@ -472,7 +508,7 @@ async def test_cancelled_stop_reraises_cancellation(spawn: Spawn, tmp_path: Path
 
     async def stop_child() -> None:
         nonlocal finished_stop
-        await child.stop(timeout_s=60)
+        await stop_within(child, timeout_s=60)
         finished_stop = True
 
     async with anyio.create_task_group() as task_group:
@@ -487,15 +523,15 @@ async def test_cancelled_stop_reraises_cancellation(spawn: Spawn, tmp_path: Path
 @pytest.mark.anyio
 @pytest.mark.timeout(60)
 async def test_stop_raises_when_kill_cannot_end_process(spawn: Spawn, tmp_path: Path) -> None:
-    # A zero kill timeout ends the wait before SIGKILL can take effect, which stands in for a
+    # A zero kill timeout ends the wait before SIGKILL can take effect, which simulates a
     # process in uninterruptible sleep.
     child = await spawn(["sh", "-c", TERM_IGNORING_SLEEP])
     await read_lines(tmp_path / "out.log", 1)
 
     with pytest.raises(StopError, match=rf"pid={child.pid} did not exit within kill_timeout_s=0"):
-        await child.stop(timeout_s=0.2, kill_timeout_s=0)
+        await stop_within(child, timeout_s=0.2, kill_timeout_s=0)
 
-    assert (await child.wait()).signal == SIGKILL
+    assert (await wait_for(child)).signal == SIGKILL
 
 
 @pytest.mark.anyio
@@ -555,14 +591,14 @@ async def test_concurrent_waiters_get_same_status(spawn: Spawn) -> None:
     statuses: list[ExitStatus] = []
 
     async def wait_for_child() -> None:
-        statuses.append(await child.wait())
+        statuses.append(await wait_for(child))
 
     # The first waiter watches the pidfd and is cancelled, so another must take over.
     first_scope = anyio.CancelScope()
 
     async def wait_then_cancel() -> None:
         with first_scope:
-            await child.wait()
+            await wait_for(child)
 
     async with anyio.create_task_group() as task_group:
         task_group.start_soon(wait_then_cancel)
@@ -587,14 +623,14 @@ async def test_adopt_rejects_wrong_start_time(spawn: Spawn) -> None:
     adopted = AdoptedProcess.adopt(child.pid, child.start_time + 10)
 
     assert adopted is None
-    await child.stop(timeout_s=10)
+    await stop_within(child, timeout_s=10)
 
 
 @pytest.mark.anyio
 @pytest.mark.timeout(30)
 async def test_adopt_rejects_dead_pid(spawn: Spawn) -> None:
     child = await spawn(["true"])
-    await child.wait()
+    await wait_for(child)
 
     assert AdoptedProcess.adopt(child.pid, child.start_time) is None
     assert process_start_time(child.pid) is None
@@ -616,18 +652,18 @@ async def test_adopted_exit_noticed_at_once(spawn: Spawn, tmp_path: Path) -> Non
     orphan = int((tmp_path / "out.log").read_text())
     start_time = process_start_time(orphan)
     assert start_time is not None
-    assert psutil.Process(orphan).ppid() == reaper.pid
+    assert psutil.Process(orphan).ppid() != os.getpid()
 
     adopted = AdoptedProcess.adopt(orphan, start_time)
     assert adopted is not None
     started_at = time.perf_counter()
     os.kill(orphan, SIGKILL)
     with anyio.fail_after(1):
-        status = await adopted.wait()
+        status = await wait_for(adopted)
     print(f"adopted exit notice after SIGKILL: {(time.perf_counter() - started_at) * 1000:.3f} ms")
 
     assert status == ExitStatus.unknown()
-    assert (await reaper.wait()).success
+    assert (await wait_for(reaper)).success
 
 
 @pytest.mark.anyio
@@ -640,10 +676,10 @@ async def test_adopted_stop_ends_process(spawn: Spawn, tmp_path: Path) -> None:
     adopted = AdoptedProcess.adopt(orphan, start_time)
     assert adopted is not None
 
-    status = await adopted.stop(timeout_s=10)
+    status = await stop_within(adopted, timeout_s=10)
 
     assert status == ExitStatus.unknown()
-    assert (await reaper.wait()).success
+    assert (await wait_for(reaper)).success
     assert not same_process(orphan, start_time)
 
 
@@ -662,8 +698,8 @@ async def test_adopted_stop_kills_group(spawn: Spawn, tmp_path: Path) -> None:
     assert adopted is not None
     assert adopted.pgid == leader
 
-    status = await adopted.stop(timeout_s=10)
+    status = await stop_within(adopted, timeout_s=10)
 
     assert status == ExitStatus.unknown()
-    assert (await reaper.wait()).success
+    assert (await wait_for(reaper)).success
     assert not same_process(grandchild, grandchild_start_time)
