@@ -76,12 +76,23 @@ class Broker:
 
     async def connect(self) -> None:
         """Connect, open the publishing channels and declare the application exchange."""
+        self._connection = await self.open_connection()
+        self._connection.close_callbacks.add(self._on_close)
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
+        self._publisher = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._fast = await self._connection.channel(publisher_confirms=False)
+        self._connected.set()
+        logger.debug(
+            "broker connected url={} name={}", mask_url(self.settings.broker_url), self.connection_name
+        )
+
+    async def open_connection(self) -> AbstractRobustConnection:
+        """Open the robust AMQP connection. `sdk.testing.MemoryBroker` overrides it with an in-memory one."""
         url = self.settings.broker_url
-        timeout_s = self.settings.connect_timeout_s
         try:
-            self._connection = await aio_pika.connect_robust(
+            return await aio_pika.connect_robust(
                 url,
-                timeout=timeout_s,
+                timeout=self.settings.connect_timeout_s,
                 reconnect_interval=1.0,
                 client_properties={"connection_name": self.connection_name},
             )
@@ -90,12 +101,6 @@ class Broker:
                 f"cannot connect to the broker at {mask_url(url)}: {exc or type(exc).__name__}; "
                 "check that RabbitMQ runs there and that the URL and credentials are right"
             ) from None
-        self._connection.close_callbacks.add(self._on_close)
-        self._connection.reconnect_callbacks.add(self._on_reconnect)
-        self._publisher = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._fast = await self._connection.channel(publisher_confirms=False)
-        self._connected.set()
-        logger.debug("broker connected url={} name={}", mask_url(url), self.connection_name)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None

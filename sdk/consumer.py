@@ -7,11 +7,14 @@ Outcomes of a delivery:
 - the handler raises `Retry(delay_s)` or another exception: a copy with the
   next attempt number goes through `<queue>.retry.<ms>` and comes back after
   the delay; after the last attempt the message is dead-lettered instead.
-  A call is answered with the error at once and not retried: the caller decides;
+  A call is answered with the error at once and not retried, so the caller
+  decides. Only `Retry` retries a call, and its last failure is answered too;
 - the broker redelivers a message (its consumer died or lost the connection
   mid-handler): a copy with a higher redelivery count replaces it, so a message
   that kills its consumer ends in the dead-letter queue and never loops forever.
-Every copy is published with a confirm before the original is acked.
+Every copy keeps the body, content type, correlation id, reply-to address and
+message id of the original, and is published with a confirm before the
+original is acked.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ class RouteConsumer:
             route=self.spec.name,
             attempt=attempt,
         )
+        # A redelivered message is replaced by a counted copy, which the broker does not flag.
+        ctx.redelivered = ctx.redelivered or _int_header(headers, names.H_REDELIVERIES, 0) > 0
         try:
             result = await self.invoker(ctx, body)
         except Reject as exc:
@@ -164,6 +169,8 @@ class RouteConsumer:
                 attempt,
                 reason,
             )
+            if message.reply_to:
+                await self._reply_error(message, error_type, reason)
             await self._dead_letter(message, error_type, reason, exc)
             return
         logger.warning(
@@ -187,7 +194,7 @@ class RouteConsumer:
             **(message.headers or {}),
             names.H_ERROR_TYPE: error_type,
             names.H_ERROR_REASON: reason[:4000],
-            names.H_FAILED_AT: time.time(),
+            names.H_FAILED_AT: int(time.time() * 1000),
             names.H_FAILED_BY: self.runner.identity,
             names.H_ORIGINAL_ROUTING_KEY: message.routing_key or "",
         }
@@ -207,6 +214,7 @@ class RouteConsumer:
             headers=headers,
             correlation_id=message.correlation_id,
             reply_to=message.reply_to,
+            message_id=message.message_id,
         )
         try:
             await broker.publish(exchange, routing_key, message.body, properties)

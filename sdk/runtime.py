@@ -207,7 +207,15 @@ class ServiceRunner:
 class ServiceHost:
     """Runs a set of services in this process over one broker connection."""
 
-    def __init__(self, specs: list[ServiceSpec], settings: SettingsModel, *, role: str = "run") -> None:
+    def __init__(
+        self,
+        specs: list[ServiceSpec],
+        settings: SettingsModel,
+        *,
+        role: str = "run",
+        broker: Broker | None = None,
+    ) -> None:
+        """Prepare to serve `specs`. Pass `broker` to replace the RabbitMQ connection, as sdk.testing does."""
         if not specs:
             raise DefinitionError(
                 "no services to run: define a Service subclass with a name, or decorate a function "
@@ -221,10 +229,8 @@ class ServiceHost:
         self.stats = Stats()
         self.started_monotonic = time.monotonic()
         service_names = ",".join(s.name for s in specs)
-        self.broker = Broker(
-            settings,
-            connection_name=f"mrq {role} services={service_names} node={settings.node} pid={os.getpid()}",
-        )
+        connection_name = f"mrq {role} services={service_names} node={settings.node} pid={os.getpid()}"
+        self.broker = broker if broker is not None else Broker(settings, connection_name=connection_name)
         self.messenger = Messenger(self.broker)
         self.runners = [ServiceRunner(self, spec) for spec in specs]
         self._task_group: asyncio.TaskGroup | None = None
@@ -309,9 +315,15 @@ class ServiceHost:
         await self._close(None)
 
     async def _close(self, exc: BaseException | None) -> None:
+        """Close the connection and end the task group; `exc` is a start-up failure to re-raise as is."""
         task_group, self._task_group = self._task_group, None
         try:
             await self.broker.close()
         finally:
             if task_group is not None:
-                await task_group.__aexit__(type(exc) if exc else None, exc, None)
+                if exc is not None:
+                    for runner in self.runners:
+                        for task in runner.tasks:
+                            task.cancel()
+                # Passing `exc` in would make the task group wrap it in an ExceptionGroup.
+                await task_group.__aexit__(None, None, None)

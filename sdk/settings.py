@@ -119,18 +119,29 @@ class SettingsModel(BaseModel):
 FIELDS = frozenset(SettingsModel.model_fields)
 
 
+_URL_FORM = "expected an AMQP URL such as amqp://user:password@host:5672/ or a bare host[:port]"
+
+
 def normalize_broker_url(value: str) -> str:
     """Return an AMQP URL; a bare `host[:port]` gets guest credentials and port 5672."""
     value = value.strip()
     if "://" not in value:
         host, _, port = value.partition(":")
-        if not host:
-            raise ValueError("expected an AMQP URL such as amqp://user:password@host:5672/")
+        if not host or any(c in host for c in "@/?#") or (port and not _valid_port(port)):
+            raise ValueError(_URL_FORM)
         return f"amqp://guest:guest@{host}:{port or 5672}/"
     parts = urlsplit(value)
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-        raise ValueError("expected an AMQP URL such as amqp://user:password@host:5672/")
+        raise ValueError(_URL_FORM)
+    try:
+        parts.port  # noqa: B018 - reading it validates the port
+    except ValueError:
+        raise ValueError(f"{_URL_FORM}; the port must be a number from 1 to 65535") from None
     return value
+
+
+def _valid_port(port: str) -> bool:
+    return port.isdigit() and 1 <= int(port) <= 65535
 
 
 def mask_url(url: str) -> str:
@@ -141,10 +152,18 @@ def mask_url(url: str) -> str:
         return "<invalid URL>"
     if parts.password is None:
         return url
-    netloc = f"{parts.username}:***@{parts.hostname}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
+    # The host and port stay as written: parsing them fails on a bad port and drops IPv6 brackets.
+    netloc = f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _mask_any_url(value: str) -> str:
+    """Mask the credentials of a broker URL, even of one too malformed for `mask_url`."""
+    masked = mask_url(value)
+    if masked == value and "@" in value:
+        scheme, separator, rest = value.rpartition("://")
+        return f"{scheme}{separator}***@{rest.rpartition('@')[2]}"
+    return masked
 
 
 class _Layer:
@@ -197,6 +216,8 @@ def _explain(error: ValidationError, labels: Mapping[str, str], values: Mapping[
         value = values.get(field, "<missing>")
         if field in ("cluster_key", "service_key"):
             value = "***"
+        elif field == "broker_url" and isinstance(value, str):
+            value = _mask_any_url(value)
         lines.append(f"invalid setting {field} from {source}={value!r}: {item['msg']}")
     return "; ".join(lines)
 
