@@ -37,6 +37,9 @@ class Worker:
         self._install_signal_handlers()
         await self.host.start()
         try:
+            # A publish to a missing exchange makes the broker close the channel that also carries
+            # RPC replies, so the control exchange must exist before the first hello or heartbeat.
+            await self.host.broker.declare_exchange(self.settings.control_exchange)
             await self._start_control()
             await self._publish_hello()
             self._log_serving()

@@ -32,8 +32,10 @@ class ControlListener:
         settings = host.settings
         self.verifier = signing.CommandVerifier(key, max_age_s=settings.command_max_age_s)
         self.handlers: dict[str, Handler] = {}
-        self._rejected = 0
-        self._rejected_logged_at = 0.0
+        # Rejections of each kind (the reason up to its first colon) since the last line logged
+        # for that kind, and the monotonic time of that line.
+        self._rejected: dict[str, int] = {}
+        self._rejected_logged_at: dict[str, float] = {}
 
     def register(self, name: str, handler: Handler) -> None:
         self.handlers[name] = handler
@@ -78,18 +80,22 @@ class ControlListener:
         await self._reply(message, command, True, result, None)
 
     def _log_rejection(self, reason: str, message: AbstractIncomingMessage) -> None:
-        self._rejected += 1
+        """Log the first rejection of each kind at once, then at most one per kind and interval."""
+        # NOTE: rejections counted after the last line of their kind are reported only when
+        # another one of that kind arrives after the interval.
+        kind = reason.partition(":")[0]
+        self._rejected[kind] = self._rejected.get(kind, 0) + 1
         now = time.monotonic()
-        if now - self._rejected_logged_at < _REJECTION_LOG_INTERVAL_S:
+        last_logged_at = self._rejected_logged_at.get(kind)
+        if last_logged_at is not None and now - last_logged_at < _REJECTION_LOG_INTERVAL_S:
             return
         logger.warning(
             "command rejected reason={} rejected_since_last_report={} size={}",
             reason,
-            self._rejected,
+            self._rejected.pop(kind),
             len(message.body),
         )
-        self._rejected = 0
-        self._rejected_logged_at = now
+        self._rejected_logged_at[kind] = now
 
     async def _reply(
         self, message: AbstractIncomingMessage, command: Command, ok: bool, result: Any, error: str | None
