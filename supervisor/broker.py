@@ -56,7 +56,7 @@ SERVER_SEARCH_DIRS = (Path("/usr/sbin"), Path("/usr/lib/rabbitmq/bin"))
 
 _LOOPBACK = "127.0.0.1"
 _LOOPBACK_DIST_ERL_ARGS = "-kernel inet_dist_use_interface {127,0,0,1}"
-# rabbitmqctl's own distribution listener takes a port from this range (rabbitmq-env defaults).
+# rabbitmqctl's own distribution listener takes a port from this range (rabbitmq-env, 3.10.8).
 _CTL_DIST_PORTS = range(35672, 35683)
 _NAME_PREFIX = re.compile(r"[A-Za-z0-9_-]+")
 _CONNECTION_NAME = re.compile(r'\{"connection_name","((?:[^"\\]|\\.)*)"\}')
@@ -66,7 +66,8 @@ _PROBE_TIMEOUT_S = 2.0
 _PROBE_INTERVAL_S = 0.25
 _REAP_TIMEOUT_S = 10.0
 _ORPHAN_STOP_TIMEOUT_S = 20.0
-_LOG_TAIL_LINES = 20
+_LOG_TAIL_LINES = 8
+_LOG_ERROR_LINES = 5
 _LOG_LINE_MAX_CHARS = 400
 
 _FIX_HINT = (
@@ -85,11 +86,11 @@ class BrokerConfigError(BrokerError):
 
 
 class BrokerUnavailableError(BrokerError):
-    """No broker answered and no rabbitmq-server is installed to start one."""
+    """No broker completed an AMQP handshake and no rabbitmq-server is installed to start one."""
 
 
 class BrokerStartError(BrokerError):
-    """A private node did not start; the message quotes the end of its log."""
+    """A private node did not start. The message quotes the end of its log."""
 
 
 class BrokerControlError(BrokerError):
@@ -110,18 +111,36 @@ def mask_url(url: str) -> str:
 async def probe_amqp(url: str, timeout_s: float) -> bool:
     """Return True when a broker at url completes an AMQP handshake within timeout_s.
 
-    A refused or reset connection, a timeout and a rejected login all return False.
+    A refused or reset connection, a timeout, a rejected login and a URL without a host
+    all return False.
     """
+    parsed = yarl.URL(url)
+    if not parsed.host:
+        return False
+
+    port = parsed.port or (5671 if parsed.scheme == "amqps" else 5672)
     try:
         with anyio.fail_after(timeout_s):
-            connection = await aio_pika.connect(url, timeout=timeout_s)
+            # A plain TCP connect goes first because aiormq logs every refused attempt.
+            stream = await anyio.connect_tcp(parsed.host, port)
+            await stream.aclose()
+            await _amqp_handshake(parsed, timeout_s)
     except OSError as error:  # aiormq's AMQPError and TimeoutError are OSError subclasses
         logger.debug("amqp probe failed url={} error={!r}", mask_url(url), error)
         return False
-
-    with anyio.move_on_after(timeout_s, shield=True), contextlib.suppress(OSError):
-        await connection.close()
     return True
+
+
+async def _amqp_handshake(url: yarl.URL, timeout_s: float) -> None:
+    # aio-pika 10.2.1's Connection.__del__ schedules close() when the connection is open. In a
+    # thread without an event loop, such as a worker thread, Python then warns that close()
+    # was never awaited. So a failed attempt is closed here too.
+    connection = aio_pika.Connection(url)
+    try:
+        await connection.connect(timeout=timeout_s)
+    finally:
+        with anyio.move_on_after(timeout_s, shield=True), contextlib.suppress(OSError):
+            await connection.close()
 
 
 def find_rabbitmq_server() -> str | None:
@@ -168,8 +187,8 @@ async def resolve_broker(
     """Return the broker URL for setting, and the private node started for it, if any.
 
     A URL setting is validated and returned. "auto" returns local_url when a broker there
-    completes a handshake within timeout_s; otherwise it starts a PrivateBroker in
-    state_dir/broker (start deadline timeout_s), which the caller must stop last.
+    completes a handshake within timeout_s. Otherwise it starts a PrivateBroker in
+    state_dir/broker with the start deadline timeout_s, and the caller must stop it last.
     """
     if setting != "auto":
         return validate_broker_url(setting), None
@@ -181,8 +200,9 @@ async def resolve_broker(
     server = await anyio.to_thread.run_sync(find_server)
     if server is None:
         raise BrokerUnavailableError(
-            f"no broker answered at {mask_url(local_url)} and rabbitmq-server was not found "
-            f"on PATH or in {', '.join(map(str, SERVER_SEARCH_DIRS))}; {_FIX_HINT}"
+            f"no broker accepted an AMQP handshake at {mask_url(local_url)}, and "
+            f"rabbitmq-server was not found on PATH or in "
+            f"{', '.join(map(str, SERVER_SEARCH_DIRS))}; {_FIX_HINT}"
         )
 
     logger.info("broker not found, starting private node url={}", mask_url(local_url))
@@ -195,9 +215,10 @@ def _direct_server_script(server: Path) -> Path:
     """Return the script that Debian's rabbitmq-server wrapper would run, else server.
 
     Debian's wrapper (rabbitmq-server 3.10.8-1.1+deb12u1) re-runs itself as
-    `su rabbitmq -c ...` when started as root. su starts a new session, so the node
-    leaves the caller's process group, and sets HOME=/var/lib/rabbitmq, so the node
-    shares the system node's Erlang cookie. Running the script directly avoids both.
+    `su rabbitmq -c ...` when started as root. su -c (util-linux 2.38.1) starts a new
+    session, so the node leaves the caller's process group. su also sets
+    HOME=/var/lib/rabbitmq, so the node shares the system node's Erlang cookie.
+    Running the script directly avoids both.
     """
     real = server.resolve()
     if real.name != "rabbitmq-script-wrapper":
@@ -216,7 +237,7 @@ def _free_loopback_port(exclude: Collection[int]) -> int:
     raise BrokerStartError(f"found no free TCP port on {_LOOPBACK} after 100 attempts")
 
 
-def _read_log_tail(log_file: Path, offset: int) -> str:
+def _quote_log(log_file: Path, offset: int) -> str:
     try:
         with log_file.open("rb") as log:
             log.seek(offset)
@@ -225,7 +246,16 @@ def _read_log_tail(log_file: Path, offset: int) -> str:
         return f"(could not read the log: {error})"
 
     lines = [line[:_LOG_LINE_MAX_CHARS] for line in text.splitlines() if line.strip()]
-    return "\n".join(lines[-_LOG_TAIL_LINES:]) or "(the log is empty)"
+    if not lines:
+        return "(the log is empty)"
+
+    # The first error lines name the cause, while the last ones show how the boot ended.
+    tail = lines[-_LOG_TAIL_LINES:]
+    errors = [line for line in lines[: -len(tail)] if "[error]" in line][:_LOG_ERROR_LINES]
+    quoted = "\n".join(tail)
+    if errors:
+        quoted = "\n".join(errors) + "\n...\n" + quoted
+    return quoted
 
 
 def _select_connections(listing: str, name_contains: str | None) -> list[str]:
@@ -246,7 +276,7 @@ def _select_connections(listing: str, name_contains: str | None) -> list[str]:
 
 
 def _unescape(quoted: str) -> str:
-    # NOTE: decodes only the backslash escapes rabbitmqctl uses for ASCII text; a name
+    # NOTE: decodes only the backslash escapes that rabbitmqctl uses for ASCII text. A name
     # with other escaped characters may not match name_contains.
     return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(1)), quoted)
 
@@ -334,8 +364,8 @@ class PrivateBroker:
         """Start the node and wait until it completes an AMQP handshake.
 
         Raises BrokerStartError, quoting the end of the node's log, when the node exits
-        or does not answer within timeout_s; no process of the node is left behind then.
-        Does nothing when the node is already running.
+        or does not complete a handshake within timeout_s. No process of the node is left
+        behind then. Does nothing when the node is already running.
         """
         if self._process is not None:
             return
@@ -429,16 +459,15 @@ class PrivateBroker:
         try:
             self._base_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._lock_folder()
+            self._choose_ports()
+            self._write_node_files()
+            log = self.log_file.open("ab")
         except OSError as error:
+            self._release_lock()
             raise BrokerStartError(
                 f"cannot use folder {self._base_dir} for private node {self._node_name}: "
                 f"{error}; choose a folder this user can create and write"
             ) from error
-
-        try:
-            self._choose_ports()
-            self._write_node_files()
-            log = self.log_file.open("ab")
         except BaseException:
             self._release_lock()
             raise
@@ -463,7 +492,7 @@ class PrivateBroker:
             self._lock_fd = None
 
     def _choose_ports(self) -> None:
-        # NOTE: another program may take a chosen port before the node binds it; start()
+        # NOTE: another program may take a chosen port before the node binds it. start()
         # then fails with the node's eaddrinuse error in its message.
         if self._amqp_port is None:
             self._amqp_port = _free_loopback_port(exclude=())
@@ -487,7 +516,7 @@ class PrivateBroker:
                 cookie_file.write(secrets.token_hex(20).upper())
 
     def _common_env(self) -> dict[str, str]:
-        """Environment shared by the node and rabbitmqctl; HOME selects the Erlang cookie."""
+        """Environment shared by the node and rabbitmqctl. HOME selects the Erlang cookie."""
         env = {
             key: value
             for key, value in os.environ.items()
@@ -559,18 +588,17 @@ class PrivateBroker:
             reason = f"did not accept AMQP connections within {timeout_s} s"
         else:
             reason = f"exited with code {process.returncode} before accepting AMQP connections"
-        tail = await anyio.to_thread.run_sync(_read_log_tail, self.log_file, log_offset)
+        quoted = await anyio.to_thread.run_sync(_quote_log, self.log_file, log_offset)
         raise BrokerStartError(
             f"private RabbitMQ node {self._node_name} on {_LOOPBACK}:{self._amqp_port} {reason}. "
-            f"Last lines of its log {self.log_file}:\n{tail}\n"
+            f"From its log {self.log_file}:\n{quoted}\n"
             "Fix the cause shown in the log (such as a port in use or a full disk) and retry."
         )
 
     async def _await_handshake(self) -> None:
         # RabbitMQ sends no readiness signal to a plain child process, so poll the port.
-        # The AMQP handshake waits for the TCP listener, since aiormq logs every refusal.
         while True:
-            if await _accepts_tcp(self.amqp_port) and await probe_amqp(self.url, _PROBE_TIMEOUT_S):
+            if await probe_amqp(self.url, _PROBE_TIMEOUT_S):
                 return
             await anyio.sleep(_PROBE_INTERVAL_S)
 
@@ -593,7 +621,7 @@ class PrivateBroker:
             await process.wait()
 
     async def _kill_and_reap(self) -> None:
-        """SIGKILL the node's group and its other descendants, then reap; callers shield it."""
+        """SIGKILL the node's group and its other descendants, then reap. Callers shield it."""
         process = self._process
         if process is None:
             return
@@ -607,6 +635,14 @@ class PrivateBroker:
             await anyio.to_thread.run_sync(self._kill_leftovers)
 
         self._process = None
+        if process.returncode is None:
+            logger.error(
+                "private broker gave up reaping node={} pid={} timeout_s={}",
+                self._node_name,
+                process.pid,
+                _REAP_TIMEOUT_S,
+            )
+            return
         logger.info(
             "private broker stopped node={} pid={} exit_code={}",
             self._node_name,
@@ -687,16 +723,6 @@ class PrivateBroker:
         return result.stdout.decode(errors="replace")
 
 
-async def _accepts_tcp(port: int) -> bool:
-    try:
-        with anyio.fail_after(_PROBE_TIMEOUT_S):
-            stream = await anyio.connect_tcp(_LOOPBACK, port)
-    except OSError:
-        return False
-    await stream.aclose()
-    return True
-
-
 async def _cancel_on_exit(process: Process, scope: anyio.CancelScope) -> None:
     await process.wait()
     scope.cancel()
@@ -723,7 +749,7 @@ def _kill_processes(processes: list[psutil.Process]) -> list[int]:
 
 
 def _is_running(process: psutil.Process) -> bool:
-    # A zombie has exited; one whose parent died stays until init reaps it, if ever.
+    # A zombie has exited. One whose parent died stays until init reaps it, if ever.
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -731,7 +757,7 @@ def _is_running(process: psutil.Process) -> bool:
 
 
 def _wait_gone(processes: list[psutil.Process], timeout_s: float) -> None:
-    # psutil.wait_procs would wait for an unreaped zombie until timeout_s; this does not.
+    # psutil.wait_procs would wait for an unreaped zombie until timeout_s, but this does not.
     deadline = time.monotonic() + timeout_s
     while any(map(_is_running, processes)) and time.monotonic() < deadline:
         time.sleep(0.05)

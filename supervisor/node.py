@@ -9,6 +9,7 @@ all in parallel. SIGHUP reloads supervisor.toml.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -43,6 +44,7 @@ from supervisor.registry import InstanceRecord, Registry, RouteInfo, ServiceReco
 from supervisor.sampler import Sampler
 
 SAMPLE_INTERVAL_S = 5.0
+MIN_SAMPLE_INTERVAL_S = 0.5
 ROTATE_INTERVAL_S = 10.0
 PRESENCE_INTERVAL_S = 10.0
 SHUTDOWN_GRACE_S = 10.0
@@ -317,12 +319,19 @@ class Node:
     async def _start(self, task_group: asyncio.TaskGroup, startup: Any) -> None:
         from supervisor.adoption import adopt_leftovers
 
+        known = {service.name: service for service in await self.registry.services()}
         for name, config in self.config.services.items():
             group = ServiceGroup(self, name, config)
             self.groups[name] = group
             for _ in range(config.replicas):
                 group.add_instance(task_group)
-            await self.registry.upsert_service(_service_record(name, config))
+            record = _service_record(name, config)
+            previous = known.get(name)
+            # Adopted workers do not announce their routes again; keep those of the same configuration.
+            if previous is not None and previous.fingerprint == record.fingerprint and previous.routes:
+                record = dataclasses.replace(record, routes=previous.routes)
+                self.routes[name] = list(previous.routes)
+            await self.registry.upsert_service(record)
         await adopt_leftovers(self)
         for background in (
             self._health_loop,
@@ -418,24 +427,28 @@ class Node:
     async def _health_step(self) -> None:
         listener = self.listener
         assert listener is not None
+        # Cleared before the first await, so that a change during set_streaming wakes the wait below.
+        self._health_wake.clear()
         instances = self.instances()
         await listener.set_streaming(any(i.state == State.STARTING and i.uses_heartbeat for i in instances))
         deadlines = [d for i in instances if (d := i.health_deadline()) is not None]
         now = time.monotonic()
         timeout_s = max(0.0, min(deadlines) - now) if deadlines else 5.0
-        self._health_wake.clear()
         with suppress(TimeoutError):
             await asyncio.wait_for(self._health_wake.wait(), min(timeout_s, 5.0))
         now = time.monotonic()
         if self.broker_connected and any(d <= now for d in deadlines):
-            await listener.pull()
+            if not await listener.pull():
+                # Without fresh heartbeats a missed deadline proves nothing: try again shortly.
+                await asyncio.sleep(0.2)
+                return
             now = time.monotonic()
         for instance in self.instances():
             instance.check_health(now)
 
     async def _sample_loop(self) -> None:
         while True:
-            await asyncio.sleep(SAMPLE_INTERVAL_S)
+            await asyncio.sleep(sample_interval_s([group.config for group in self.groups.values()]))
             await self.sample()
 
     async def sample(self) -> None:
@@ -520,6 +533,19 @@ class Node:
 
 class _Done(Exception):
     """Ends the node's task group after a clean shutdown."""
+
+
+def sample_interval_s(configs: list[ServiceConfig]) -> float:
+    """Return the time between two samples: SAMPLE_INTERVAL_S, or shorter for a short memory grace.
+
+    A memory limit acts at the first sample after `max_memory_grace_s`, so sampling every
+    half grace period keeps the delay below about 1.5 grace periods. The floor of
+    MIN_SAMPLE_INTERVAL_S bounds the cost of a psutil pass over every process.
+    """
+    graces = [c.max_memory_grace_s for c in configs if c.max_memory_mb is not None]
+    if not graces:
+        return SAMPLE_INTERVAL_S
+    return max(MIN_SAMPLE_INTERVAL_S, min(SAMPLE_INTERVAL_S, min(graces) / 2))
 
 
 def _live(instance: Instance) -> bool:
