@@ -121,4 +121,4 @@ class BadMessage(MrqError):
 
 
 class SignatureError(MrqError):
-    """A signed control message was rejected; the message says why."""
+    """A signed control message was rejected. The message gives the reason."""

@@ -1,9 +1,9 @@
 """Serving services in one process: connect, declare, consume, drain.
 
-`ServiceHost` is what `run()` and the worker use. It opens one connection,
-gives each service a consuming channel with its prefetch, runs every handler
-in a task of its own task group (so a dropped connection never cancels a
-running handler), and on stop cancels the consumers first, waits for the
+`ServiceHost` is what `run()` and the worker use. It opens one connection and
+gives each service a consuming channel with its prefetch. Every handler runs
+in a task of the host's own task group, so a dropped connection never cancels
+a running handler. On stop it cancels the consumers first, waits for the
 handlers in flight, acks them and closes.
 """
 
@@ -96,7 +96,7 @@ class ServiceRunner:
         return RouteConsumer(self, spec, Invoker(self.ping, blocking=False, where="ping"))
 
     async def ping(self) -> dict[str, Any]:
-        """Answer the built-in ping route: who this instance is and how long it has run."""
+        """Return the built-in ping route's reply: this instance's identity and uptime."""
         return {
             "service": self.spec.name,
             "instance": self.settings.instance,

@@ -271,7 +271,7 @@ class Settings:
         object.__setattr__(self, "_cache", resolved)
 
     def reload(self) -> None:
-        """Forget the cached values so that the next read sees the environment anew."""
+        """Drop the cached values, so that the next read resolves the environment again."""
         object.__setattr__(self, "_cache", None)
 
     def reset(self) -> None:

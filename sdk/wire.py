@@ -96,7 +96,7 @@ class Command(_Wire):
 
 
 class Reply(_Wire):
-    """The answer of one supervisor or worker to a command."""
+    """The reply of one supervisor or worker to a command."""
 
     type: Literal["reply"] = "reply"
     command_id: str
@@ -120,7 +120,7 @@ class Event(_Wire):
 
 
 class NodeStatus(_Wire):
-    """A supervisor announces itself (state "up") and says goodbye (state "down")."""
+    """The presence of a supervisor: state "up" while it runs, "down" when it stops."""
 
     type: Literal["node"] = "node"
     node: str
