@@ -46,7 +46,9 @@ def check_signature(key: bytes, body: bytes, headers: Mapping[str, Any] | None) 
         given = given.decode(errors="replace")
     if not given:
         raise SignatureError("unsigned: no x-mrq-signature header")
-    if not isinstance(given, str) or not hmac.compare_digest(given, signature(key, body)):
+    if not isinstance(given, str) or not given.isascii():
+        raise SignatureError("bad signature: the x-mrq-signature header is not lower-case hex")
+    if not hmac.compare_digest(given, signature(key, body)):
         raise SignatureError("bad signature: signed with another key, or the body was changed")
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from loguru import logger
 
-from sdk import names
+from sdk import names, signing
 from sdk.codec import JSON
 from sdk.connection import Broker
 from sdk.wire import Event
@@ -65,9 +65,13 @@ class EventBus:
         broker = self.broker
         if broker is None or not broker.connected:
             return
-        properties = broker.properties(content_type=JSON, persistent=False)
+        body = event.to_json()
+        # Signed with the cluster key, so that a follower can reject events that anyone else forged.
+        cluster_key = broker.settings.cluster_key_bytes()
+        headers = signing.sign_headers(cluster_key, body) if cluster_key else None
+        properties = broker.properties(content_type=JSON, headers=headers, persistent=False)
         key = names.supervisor_event_key(self.node, event.kind)
-        await broker.publish_nowait(broker.settings.control_exchange, key, event.to_json(), properties)
+        await broker.publish_nowait(broker.settings.control_exchange, key, body, properties)
 
     def subscribe(self) -> asyncio.Queue[Event]:
         queue: asyncio.Queue[Event] = asyncio.Queue()

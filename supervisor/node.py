@@ -23,7 +23,7 @@ import aiormq
 import anyio
 from loguru import logger
 
-from sdk import __version__, names
+from sdk import __version__, names, signing
 from sdk.codec import JSON
 from sdk.connection import Broker
 from sdk.errors import BrokerUnavailable, MrqError
@@ -207,7 +207,7 @@ class Node:
                 name: {
                     "kind": group.config.kind,
                     "replicas": group.replicas,
-                    "routes": [r.__dict__ for r in self.routes.get(name, [])],
+                    "routes": [dataclasses.asdict(r) for r in self.routes.get(name, [])],
                 }
                 for name, group in self.groups.items()
             },
@@ -332,6 +332,10 @@ class Node:
                 record = dataclasses.replace(record, routes=previous.routes)
                 self.routes[name] = list(previous.routes)
             await self.registry.upsert_service(record)
+        # Extensions start first: the control server refuses a duplicate node name
+        # before this supervisor adopts or stops any process of the state folder.
+        for extension in self.extensions:
+            await extension.start(self)
         await adopt_leftovers(self)
         for background in (
             self._health_loop,
@@ -342,8 +346,6 @@ class Node:
         ):
             task_group.create_task(background())
         await self.events.publish("node.started", None, None, pid=os.getpid(), version=__version__)
-        for extension in self.extensions:
-            await extension.start(self)
         for group in self.groups.values():
             group.start_all()
         await startup.wait_ready_and_report()
@@ -384,7 +386,8 @@ class Node:
             )
             if waiter not in done:
                 self._kill_all()
-                await asyncio.wait_for(waiter, SHUTDOWN_GRACE_S)
+                async with asyncio.timeout(SHUTDOWN_GRACE_S):
+                    await waiter
         finally:
             waiter.cancel()
             hurry.cancel()
@@ -434,8 +437,10 @@ class Node:
         deadlines = [d for i in instances if (d := i.health_deadline()) is not None]
         now = time.monotonic()
         timeout_s = max(0.0, min(deadlines) - now) if deadlines else 5.0
+        # asyncio.timeout keeps a cancellation that arrives with the wake-up; wait_for may lose it.
         with suppress(TimeoutError):
-            await asyncio.wait_for(self._health_wake.wait(), min(timeout_s, 5.0))
+            async with asyncio.timeout(min(timeout_s, 5.0)):
+                await self._health_wake.wait()
         now = time.monotonic()
         if self.broker_connected and any(d <= now for d in deadlines):
             if not await listener.pull():
@@ -522,12 +527,12 @@ class Node:
             state="up" if state == "up" else "down",
             dashboard_url=getattr(self, "dashboard_url", None),
         )
-        properties = broker.properties(content_type=JSON, persistent=False)
+        body = status.to_json()
+        properties = broker.properties(
+            content_type=JSON, persistent=False, headers=signing.sign_headers(self.key, body)
+        )
         await broker.publish_nowait(
-            self.settings.control_exchange,
-            names.supervisor_presence_key(self.node),
-            status.to_json(),
-            properties,
+            self.settings.control_exchange, names.supervisor_presence_key(self.node), body, properties
         )
 
 
@@ -538,9 +543,10 @@ class _Done(Exception):
 def sample_interval_s(configs: list[ServiceConfig]) -> float:
     """Return the time between two samples: SAMPLE_INTERVAL_S, or shorter for a short memory grace.
 
-    A memory limit acts at the first sample after `max_memory_grace_s`, so sampling every
-    half grace period keeps the delay below about 1.5 grace periods. The floor of
-    MIN_SAMPLE_INTERVAL_S bounds the cost of a psutil pass over every process.
+    A memory limit acts at the first sample at least `max_memory_grace_s` after the first
+    sample over the limit, so sampling every half grace period restarts an instance at most
+    about two grace periods after it crossed the limit. The floor of MIN_SAMPLE_INTERVAL_S
+    bounds the cost of a psutil pass over every process.
     """
     graces = [c.max_memory_grace_s for c in configs if c.max_memory_mb is not None]
     if not graces:
