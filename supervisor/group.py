@@ -84,10 +84,8 @@ class ServiceGroup:
             spawns = instance.spawns
             instance.request_restart()
             try:
-                await asyncio.wait_for(
-                    self.ctx.wait_for(lambda i=instance, n=spawns: _restarted(i, n)),  # type: ignore[misc]
-                    timeout_s,
-                )
+                async with asyncio.timeout(timeout_s):
+                    await self.ctx.wait_for(lambda i=instance, n=spawns: _restarted(i, n))  # type: ignore[misc]
             except TimeoutError:
                 logger.warning(
                     "rolling restart continues without a ready instance service={} instance={} state={}",

@@ -97,7 +97,8 @@ class HeartbeatListener:
                 )
                 if not await self.broker.publish_nowait("", self.queue_name, b"", properties):
                     return False
-                await asyncio.wait_for(arrived, _PULL_TIMEOUT_S)
+                async with asyncio.timeout(_PULL_TIMEOUT_S):
+                    await arrived
                 return True
             except (TimeoutError, ConnectionError) as exc:
                 logger.debug("heartbeat pull incomplete error={}", exc or type(exc).__name__)
@@ -114,7 +115,8 @@ class HeartbeatListener:
         tag, self._consumer_tag = self._consumer_tag, None
         if tag is not None and self._queue is not None:
             try:
-                await asyncio.wait_for(self._queue.cancel(tag), _PULL_TIMEOUT_S)
+                async with asyncio.timeout(_PULL_TIMEOUT_S):
+                    await self._queue.cancel(tag)
             except Exception as exc:
                 logger.debug("heartbeat consumer cancel failed error={}", exc)
 

@@ -160,7 +160,8 @@ class Instance:
 
     def health_deadline(self) -> float | None:
         """Return the monotonic time of the next health decision, or None when none is due."""
-        if not self.uses_heartbeat or self._verdict is not None:
+        # Until the spawn returns, started_mono is still the start of the previous process.
+        if not self.uses_heartbeat or self._verdict is not None or self.process is None:
             return None
         settings = self.ctx.settings
         floor = self.ctx.connected_since_mono + settings.heartbeat_interval_s * settings.heartbeat_misses
@@ -225,11 +226,11 @@ class Instance:
             await self._after_exit(outcome)
 
     async def _wait(self, timeout_s: float | None = None) -> None:
-        if timeout_s is None:
-            await self._wake.wait()
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout_s)
+        # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for loses a cancellation
+        # that arrives together with the wake-up, and the task then outlives its task group.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._wake.wait()
         self._wake.clear()
 
     async def _run_process(self) -> Outcome:

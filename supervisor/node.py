@@ -437,7 +437,7 @@ class Node:
         deadlines = [d for i in instances if (d := i.health_deadline()) is not None]
         now = time.monotonic()
         timeout_s = max(0.0, min(deadlines) - now) if deadlines else 5.0
-        # asyncio.timeout keeps a cancellation that arrives with the wake-up; wait_for may lose it.
+        # asyncio.timeout, unlike wait_for on Python 3.11, keeps a cancellation that comes with the wake-up.
         with suppress(TimeoutError):
             async with asyncio.timeout(min(timeout_s, 5.0)):
                 await self._health_wake.wait()

@@ -55,6 +55,9 @@ class Startup:
         node = self.node
         limit_s = node.settings.start_timeout_s + 5.0
         await self._progress(limit_s)
+        if node.stop_requested.is_set():
+            logger.info("start-up interrupted by a stop request node={}", node.node)
+            return
         pings = await self._ping_services()
         console.print(services_table(self._rows(pings), title=f"Services on node {node.node}"))
         url = getattr(node, "dashboard_url", None)
@@ -79,6 +82,8 @@ class Startup:
             status.start()
         try:
             while time.monotonic() < deadline:
+                if node.stop_requested.is_set():
+                    return
                 instances = node.instances()
                 ready = sum(1 for i in instances if i.state == State.RUNNING)
                 settled = all(_settled(i) for i in instances)
@@ -91,7 +96,8 @@ class Startup:
                 if settled:
                     return
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(node.wait_for(_count_changes(node, ready)), 0.5)
+                    async with asyncio.timeout(0.5):
+                        await node.wait_for(_count_changes(node, ready))
             print_line(
                 f"start timeout: {shown}/{total} ready after {limit_s:.0f} s; see `mrq-supervisor status`"
             )

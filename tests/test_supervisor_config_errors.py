@@ -1,0 +1,116 @@
+"""`mrq-supervisor start` with a wrong supervisor.toml exits at once with a message that helps.
+
+Each message names the file, the key path and the expected form. Nothing starts: the
+state folder is not even created.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from supkit import SUPERVISOR
+
+# The CLI took 0.4-1 s on a loaded 2-core VM, so a longer run means it tried to start.
+EXIT_LIMIT_S = 15.0
+
+# Each case: lines added to [supervisor], the [services] part, and fragments of the message.
+CASES = {
+    "unknown key": (
+        "heartbeat_interval = 1\n",
+        '[services.a]\nmodule = "m"\n',
+        ["supervisor.heartbeat_interval", "unknown key", "Did you mean heartbeat_interval_s?"],
+    ),
+    "module and command": (
+        "",
+        '[services.a]\nmodule = "m"\ncommand = ["sh"]\n',
+        ["services.a", "expected exactly one of module or command", "found both"],
+    ),
+    "bad restart value": (
+        "",
+        '[services.a]\nmodule = "m"\nrestart = "sometimes"\n',
+        ["services.a.restart", 'expected one of "always", "on-failure", "never"', '"sometimes"'],
+    ),
+    "negative duration": (
+        "",
+        '[services.a]\nmodule = "m"\nstop_timeout_s = -1\n',
+        ["services.a.stop_timeout_s", "greater than 0", "found -1"],
+    ),
+    "replicas not an int": (
+        "",
+        '[services.a]\nmodule = "m"\nreplicas = 1.5\n',
+        ["services.a.replicas", "expected an integer from 0 to 256", "found 1.5 (a float)"],
+    ),
+    "env value not a string": (
+        "",
+        '[services.a]\nmodule = "m"\nenv = { PORT = 8080 }\n',
+        ["services.a.env.PORT", "expected a string", 'PORT = "8080"'],
+    ),
+    "bad node name": (
+        'node = "Bad Node!"\n',
+        '[services.a]\nmodule = "m"\n',
+        ["supervisor.node", "expected a node name", '"Bad Node!"'],
+    ),
+    "bad broker url": (
+        'broker = "http://127.0.0.1:5672/"\n',
+        '[services.a]\nmodule = "m"\n',
+        ["supervisor.broker", "amqp://", "scheme http"],
+    ),
+    "missing cwd": (
+        "",
+        '[services.a]\nmodule = "m"\ncwd = "no/such/folder"\n',
+        ["services.a.cwd", "expected an existing folder", "does not exist"],
+    ),
+    "toml syntax error": (
+        "",
+        '[services.a]\nmodule "m"\n',
+        # Line 5: two lines of [supervisor], a blank line, the table header, then the error.
+        ["supervisor.toml:5:8", "invalid TOML", "expected '='"],
+    ),
+}
+
+
+def start(config: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    began = time.monotonic()
+    result = subprocess.run(
+        [SUPERVISOR, "start", "-c", str(config)],
+        cwd=config.parent,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return result, time.monotonic() - began
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", list(CASES))
+def test_config_error_exits_at_once(tmp_path: Path, case: str) -> None:
+    supervisor_lines, services, fragments = CASES[case]
+    config = tmp_path / "supervisor.toml"
+    config.write_text(f'[supervisor]\nstate_dir = "state"\n{supervisor_lines}\n{services}')
+    result, took_s = start(config)
+
+    assert result.returncode != 0
+    assert took_s < EXIT_LIMIT_S
+    assert str(config) in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, f"{fragment!r} missing from:\n{result.stderr}"
+    assert not (tmp_path / "state").exists(), "the supervisor started before rejecting the file"
+    assert not (tmp_path / ".mrq").exists()
+
+
+@pytest.mark.timeout(60)
+def test_missing_config_file_exits_at_once(tmp_path: Path) -> None:
+    config = tmp_path / "absent.toml"
+    result, took_s = start(config)
+
+    assert result.returncode != 0
+    assert took_s < EXIT_LIMIT_S
+    assert str(config) in result.stderr
+    assert "config file not found" in result.stderr
+    assert "-c PATH" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,141 @@
+"""The supervisor replaces a killed instance, backs off a crash loop, and gives up on fatal errors.
+
+Each test runs the real `mrq-supervisor start` with services written into its tmp folder
+and watches the events it publishes on the control exchange.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from supkit import (
+    BROKEN_MODULE,
+    CRASH_MODULE,
+    NORMAL_MODULE,
+    SupKit,
+    is_running,
+    supervisor_kit,
+)
+
+
+@pytest.fixture
+def kit(tmp_path: Path, broker_url: str, unique: str) -> Iterator[SupKit]:
+    with supervisor_kit(tmp_path, broker_url, unique) as kit:
+        yield kit
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(90)
+async def test_killed_instance_replaced_and_ready(kit: SupKit) -> None:
+    orders, billing = kit.service("orders"), kit.service("billing")
+    kit.write_module("normal", NORMAL_MODULE)
+    # A short start timeout: the killed instance has run longer than it, and its
+    # replacement must still get the whole start timeout for its first heartbeat.
+    start_timeout_s = 5
+    kit.write_config(
+        {orders: {"module": "normal", "replicas": 2}, billing: {"module": "normal"}},
+        start_timeout_s=start_timeout_s,
+    )
+    async with kit.watcher() as watcher:
+        run = await kit.start()
+        await run.wait_for_log("supervisor ready")
+        started = {e.instance: e.data["pid"] for e in watcher.events_of("instance.started", orders)}
+        billing_pid = watcher.events_of("instance.started", billing)[0].data["pid"]
+
+        table = run.stdout()
+        for name in (orders, billing, f"{orders}.echo", f"{billing}.echo", "2/2", "1/1"):
+            assert name in table, f"{name!r} missing from the start-up table:\n{table}"
+        for pid in (*started.values(), billing_pid):
+            assert str(pid) in table, f"pid {pid} missing from the start-up table:\n{table}"
+
+        await anyio.sleep(start_timeout_s + 1)
+        mark = watcher.mark()
+        victim = started[1]
+        os.kill(victim, signal.SIGKILL)
+
+        exited = await watcher.wait_event("instance.exited", orders, 1, since=mark)
+        assert exited.data["signal"] == signal.SIGKILL
+        replacement = await watcher.wait_event("instance.started", orders, 1, since=mark)
+        new_pid = replacement.data["pid"]
+        assert new_pid != victim
+        await watcher.wait_event("instance.running", orders, 1, since=mark, timeout_s=start_timeout_s + 10)
+
+    assert is_running(new_pid)
+    assert len(watcher.events_of("instance.started", orders, 1, since=mark)) == 1, watcher.describe()
+    assert not watcher.events_of("instance.unhealthy", since=mark), watcher.describe()
+    assert [e.data["pid"] for e in watcher.events_of("instance.started", orders, 0)] == [started[0]]
+    snapshot = await kit.wait_for_registry(
+        lambda s: {i.state for i in s.instances} == {"running"}, "all running"
+    )
+    record = next(i for i in snapshot.instances if i.service == orders and i.index == 1)
+    assert record.pid == new_pid
+    assert record.state == "running"
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(90)
+async def test_crash_loop_backs_off_then_fatal(kit: SupKit) -> None:
+    crash = kit.service("crash")
+    kit.write_module("crash", CRASH_MODULE)
+    max_restarts = 3
+    kit.write_config(
+        {
+            crash: {
+                "module": "crash",
+                "max_restarts": max_restarts,
+                "restart_window_s": 60,
+                "backoff_initial_s": 0.3,
+                "backoff_max_s": 10,
+            }
+        }
+    )
+    async with kit.watcher() as watcher:
+        await kit.start()
+        fatal = await watcher.wait_event("instance.fatal", crash, 0, timeout_s=40)
+        await anyio.sleep(1.5)
+
+    starts = watcher.events_of("instance.started", crash)
+    exits = watcher.events_of("instance.exited", crash)
+    backoffs = [e.data["backoff_s"] for e in watcher.events_of("instance.restarting", crash)]
+    assert len(starts) == max_restarts + 1, watcher.describe()
+    assert [e.data["exit_code"] for e in exits] == [3] * (max_restarts + 1)
+    assert len(backoffs) == max_restarts, watcher.describe()
+    assert backoffs[0] == 0, f"the first restart waits: {backoffs}"
+    assert all(later > earlier for earlier, later in itertools.pairwise(backoffs)), backoffs
+    assert f"max_restarts={max_restarts}" in fatal.data["reason"]
+
+    snapshot = await kit.wait_for_registry(
+        lambda s: [i.state for i in s.instances] == ["fatal"], "state fatal"
+    )
+    record = snapshot.instances[0]
+    assert record.state == "fatal"
+    assert record.last_exit_code == 3
+    assert [e.kind for e in snapshot.events if e.service == crash][-1] == "instance.fatal"
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_import_error_fatal_without_retry(kit: SupKit) -> None:
+    broken = kit.service("broken")
+    kit.write_module("broken", BROKEN_MODULE)
+    kit.write_config({broken: {"module": "broken", "max_restarts": 5}})
+    async with kit.watcher() as watcher:
+        run = await kit.start()
+        fatal = await watcher.wait_event("instance.fatal", broken, 0)
+        # A restart would follow at once, so this wait is long enough to see it.
+        await anyio.sleep(2)
+
+    assert len(watcher.events_of("instance.started", broken)) == 1, watcher.describe()
+    assert not watcher.events_of("instance.restarting", broken), watcher.describe()
+    assert watcher.events_of("instance.exited", broken)[0].data["exit_code"] == 78
+    assert "configuration error" in fatal.data["reason"]
+    await kit.wait_for_registry(lambda s: [i.state for i in s.instances] == ["fatal"], "state fatal")
+    log = (kit.state_dir / "logs" / f"{broken}.0.log").read_text()
+    assert "module_that_does_not_exist" in log
+    assert run.exit_code() is None, "one fatal service must not stop the supervisor"
