@@ -57,6 +57,19 @@ class AckTracker:
         except (*_CLOSED, RuntimeError):
             logger.debug("requeue skipped, channel closed delivery_tag={}", tag)
 
+    async def ack_now(self, message: AbstractIncomingMessage) -> None:
+        """Ack one delivery by itself, outside the batch."""
+        tag = message.delivery_tag or 0
+        if _channel_of(message) is not self._channel:
+            return  # its channel closed: the broker redelivers it
+        with contextlib.suppress(ValueError):
+            self._order.remove(tag)
+        self._done.discard(tag)
+        try:
+            await message.ack()
+        except (*_CLOSED, RuntimeError):
+            logger.debug("ack skipped, channel closed delivery_tag={}", tag)
+
     async def flush(self) -> None:
         channel = self._channel
         if channel is None or not self._done:

@@ -127,7 +127,7 @@ class RouteConsumer:
             return True
         copy = {**headers, names.H_REDELIVERIES: count}
         await self._republish("", self.queue_name, message, copy)
-        await self.runner.settle(message)
+        await self.runner.settle_now(message)
         logger.warning(
             "message redelivered, requeued with a count queue={} redeliveries={}", self.queue_name, count
         )
@@ -185,7 +185,7 @@ class RouteConsumer:
         retry_queue = await self.runner.retry_queue(self.queue_name, delay_ms)
         await self._republish("", retry_queue, message, headers)
         self.runner.stats.failed += 1
-        await self.runner.settle(message)
+        await self.runner.settle_now(message)
 
     async def _dead_letter(
         self, message: AbstractIncomingMessage, error_type: str, reason: str, exc: BaseException | None
@@ -203,7 +203,7 @@ class RouteConsumer:
             headers[names.H_ERROR_MESSAGE] = trace[-8000:]
         await self._republish("", self.dead_queue, message, headers)
         self.runner.stats.failed += 1
-        await self.runner.settle(message)
+        await self.runner.settle_now(message)
 
     async def _republish(
         self, exchange: str, routing_key: str, message: AbstractIncomingMessage, headers: Mapping[str, Any]

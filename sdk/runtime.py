@@ -165,6 +165,14 @@ class ServiceRunner:
         """Ack a finished delivery, batching while other deliveries are in flight."""
         await self.tracker.done(message, flush=self.in_flight <= 1 or self.draining)
 
+    async def settle_now(self, message: AbstractIncomingMessage) -> None:
+        """Ack a delivery at once, because a copy of it was just published.
+
+        Left in a batch, the original could be redelivered beside its copy
+        when the process dies before the batch goes out.
+        """
+        await self.tracker.ack_now(message)
+
     async def retry_queue(self, queue: str, delay_ms: int) -> str:
         return await self.host.retry_queue(queue, delay_ms)
 

@@ -284,6 +284,8 @@ async def _shutdown(node: Node, _args: _NoArgs) -> dict[str, Any]:
     return await operations.shutdown(node)
 
 
+_READ_COMMANDS: Final = frozenset({"status", "logs", "events", "ping", "identify"})
+
 COMMANDS: Final[Mapping[str, tuple[type[_Args], Operation]]] = {
     "identify": (_IdentifyArgs, _identify),
     "status": (_StatusArgs, _status),
@@ -546,7 +548,9 @@ class ControlServer:
 
     async def execute(self, command: Command) -> Reply:
         """Run a verified command and return the reply; an error becomes a reply with `ok` false."""
-        logger.info("command received name={} sender={} id={}", command.name, command.sender, command.id)
+        # Reads come every few seconds from an open dashboard: only changes are worth INFO.
+        level = "DEBUG" if command.name in _READ_COMMANDS else "INFO"
+        logger.log(level, "command received name={} sender={} id={}", command.name, command.sender, command.id)
         entry = COMMANDS.get(command.name)
         if entry is None:
             known = ", ".join(sorted(COMMANDS))

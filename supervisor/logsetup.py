@@ -7,6 +7,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from sdk.logbridge import route_stdlib_logging
 from supervisor.config import SupervisorSettings
 
 LOG_FILE_NAME = "supervisor.log"
@@ -17,6 +18,7 @@ def configure(settings: SupervisorSettings) -> Path:
     logger.remove()
     logger.enable("sdk")
     logger.enable("supervisor")
+    route_stdlib_logging(settings.log_level)
     level = settings.log_level.upper()
     serialize = settings.log_format == "json"
     text_format = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {name}: {message}"

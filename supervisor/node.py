@@ -525,7 +525,8 @@ class Node:
             started_at=self.started_at,
             sent_at=time.time(),
             state="up" if state == "up" else "down",
-            dashboard_url=getattr(self, "dashboard_url", None),
+            # Without its token: anyone who reads the control exchange would get it.
+            dashboard_url=_without_query(getattr(self, "dashboard_url", None)),
         )
         body = status.to_json()
         properties = broker.properties(
@@ -534,6 +535,10 @@ class Node:
         await broker.publish_nowait(
             self.settings.control_exchange, names.supervisor_presence_key(self.node), body, properties
         )
+
+
+def _without_query(url: str | None) -> str | None:
+    return url.split("?", 1)[0] if url else None
 
 
 class _Done(Exception):

@@ -5,38 +5,13 @@ stderr is the instance's log file, which the supervisor opened for it.
 
 from __future__ import annotations
 
-import logging
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from loguru import logger
 
-if TYPE_CHECKING:
-    from loguru import Record
-
-# The level of the logging module for each loguru level of the log_level setting.
-_STDLIB_LEVELS = {
-    "trace": logging.DEBUG,
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
-
-
-class _ToLoguru(logging.Handler):
-    """Passes the records of libraries that use the logging module (aio-pika, aiormq) to loguru."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        level: str | int = record.levelno
-        if record.levelname in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            level = record.levelname
-
-        def keep_name(loguru_record: Record) -> None:
-            loguru_record["name"] = record.name
-
-        logger.patch(keep_name).opt(exception=record.exc_info or None).log(level, record.getMessage())
+from sdk.logbridge import route_stdlib_logging
 
 
 def _json_sink(extra: dict[str, Any]) -> Any:
@@ -68,7 +43,7 @@ def configure(level: str, fmt: str, *, service: str, instance: int) -> None:
     logger.remove()
     logger.enable("sdk")
     logger.enable("worker")
-    logging.basicConfig(handlers=[_ToLoguru()], level=_STDLIB_LEVELS[level.lower()], force=True)
+    route_stdlib_logging(level)
     if fmt == "json":
         logger.add(_json_sink({"service": service, "instance": instance}), level=level.upper())
         return
