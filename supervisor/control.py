@@ -550,7 +550,9 @@ class ControlServer:
         """Run a verified command and return the reply; an error becomes a reply with `ok` false."""
         # Reads come every few seconds from an open dashboard: only changes are worth INFO.
         level = "DEBUG" if command.name in _READ_COMMANDS else "INFO"
-        logger.log(level, "command received name={} sender={} id={}", command.name, command.sender, command.id)
+        logger.log(
+            level, "command received name={} sender={} id={}", command.name, command.sender, command.id
+        )
         entry = COMMANDS.get(command.name)
         if entry is None:
             known = ", ".join(sorted(COMMANDS))
