@@ -220,30 +220,34 @@ class Broker:
         Raise NoRoute when the broker returns an unroutable mandatory message.
         A publish retried after a lost confirm may reach the queue twice.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.publish_timeout_s
-        while True:
-            try:
-                channel = await self._ready_channel(self.publisher, deadline)
-                await channel.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=mandatory,
-                    timeout=max(deadline - loop.time(), 0.001),
-                )
-                return
-            except aiormq.exceptions.PublishError as exc:
-                if _reply_code(exc) == 312:
-                    raise NoRoute(exchange, routing_key) from None
-                raise
-            except TimeoutError:
-                raise self._unavailable() from None
-            except _RETRYABLE:
-                if loop.time() >= deadline:
-                    raise self._unavailable() from None
-                await asyncio.sleep(0.05)
+        deadline = asyncio.get_running_loop().time() + self.settings.publish_timeout_s
+        # One deadline for the whole publish: cheaper per message than wait_for, which
+        # starts a task, and it also bounds a confirm that never comes.
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    try:
+                        await self._publish_once(exchange, routing_key, body, properties, mandatory)
+                        return
+                    except _RETRYABLE:
+                        await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise self._unavailable() from None
+
+    async def _publish_once(
+        self, exchange: str, routing_key: str, body: bytes, properties: Basic.Properties, mandatory: bool
+    ) -> None:
+        if not self._connected.is_set():
+            await self._connected.wait()
+        channel = await self.publisher.get_underlay_channel()
+        try:
+            await channel.basic_publish(
+                body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory
+            )
+        except aiormq.exceptions.PublishError as exc:
+            if _reply_code(exc) == 312:
+                raise NoRoute(exchange, routing_key) from None
+            raise
 
     async def publish_nowait(
         self, exchange: str, routing_key: str, body: bytes, properties: Basic.Properties
@@ -259,19 +263,6 @@ class Broker:
         except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError):
             return False
         return True
-
-    async def _ready_channel(
-        self, channel: AbstractRobustChannel, deadline: float
-    ) -> aiormq.abc.AbstractChannel:
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            raise self._unavailable()
-        if not self._connected.is_set():
-            await self.wait_connected(remaining)
-        try:
-            return await asyncio.wait_for(channel.get_underlay_channel(), remaining)
-        except TimeoutError:
-            raise self._unavailable() from None
 
     def _unavailable(self) -> BrokerUnavailable:
         return BrokerUnavailable(

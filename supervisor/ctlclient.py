@@ -56,6 +56,9 @@ CONNECT_TIMEOUT_S: Final = 5.0
 PUBLISH_TIMEOUT_S: Final = 5.0
 _EVENT_BACKLOG: Final = 10_000
 
+# How long a command for all nodes waits for replies from nodes that no reply names.
+BROADCAST_MIN_WAIT_S = 0.3
+
 
 class ClientError(MrqError):
     """The CLI cannot find its settings, the broker or the key; the message names what to change."""
@@ -234,15 +237,19 @@ class ControlClient:
         node: str | None = None,
         timeout_s: float = 3.0,
         wait_s: float = 120.0,
-        min_wait_s: float = 0.0,
+        min_wait_s: float | None = None,
     ) -> Gathered:
         """Send a command to one node (or all) and collect the replies.
 
         Every node gets `timeout_s` to answer; a node that acknowledged the command
         gets `wait_s` more for its final reply. Collecting ends early once every node
-        that a reply named as known has answered, but not before `min_wait_s`.
+        that a reply named as known has answered, but not before `min_wait_s`. Its
+        default for all nodes is `BROADCAST_MIN_WAIT_S`, for a node that started so
+        recently that the others do not know it yet.
         Raises NoRoute when no supervisor (or not the named one) is running.
         """
+        if min_wait_s is None:
+            min_wait_s = 0.0 if node else min(BROADCAST_MIN_WAIT_S, timeout_s)
         queue: asyncio.Queue[Reply] = asyncio.Queue()
         correlation_id = self.broker.next_id()
         self._waiting[correlation_id] = queue

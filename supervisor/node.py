@@ -391,7 +391,7 @@ class Node:
         finally:
             waiter.cancel()
             hurry.cancel()
-        await self._publish_presence("down")
+        await self.publish_presence("down")
         await self._flush_dirty()
 
     def _kill_all(self) -> None:
@@ -510,10 +510,10 @@ class Node:
 
     async def _presence_loop(self) -> None:
         while True:
-            await self._publish_presence("up")
+            await self.publish_presence("up")
             await asyncio.sleep(PRESENCE_INTERVAL_S)
 
-    async def _publish_presence(self, state: str) -> None:
+    async def publish_presence(self, state: str) -> None:
         broker = self.broker
         if broker is None or not broker.connected:
             return
