@@ -473,7 +473,9 @@ class ControlServer:
             logger.debug("invalid presence message ignored error={}", exc)
             return
         if isinstance(status, NodeStatus) and self.peers is not None:
-            new = status.state == "up" and status.node not in self.peers.peers and status.node != self.node.node
+            new = (
+                status.state == "up" and status.node not in self.peers.peers and status.node != self.node.node
+            )
             self.peers.observe(status, time.time())
             if new:
                 # A node that just appeared may have missed this one's last presence message.
