@@ -10,6 +10,7 @@ Exit codes: 0 on success, 1 when anything asked for failed or was not found,
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -252,7 +253,7 @@ async def _ask(
     where = f"node {node}" if node else "every node"
     try:
         with _spinner(session, f"{name}: waiting for {where}"):
-            return await session.client.gather(name, args, node=node, timeout_s=timeout_s, wait_s=wait_s)
+            gathered = await session.client.gather(name, args, node=node, timeout_s=timeout_s, wait_s=wait_s)
     except NoRoute:
         exchange = session.settings.control_exchange
         if node:
@@ -264,6 +265,14 @@ async def _ask(
             f"{name} failed: no supervisor is running on this broker with exchange {exchange!r}; "
             "start one with `mrq-supervisor start`, or check the broker URL and the exchange"
         ) from None
+    if not gathered.replies and not gathered.missing and not gathered.unfinished:
+        # The command was routed, so a supervisor consumes it, but none answered.
+        raise CommandFailed(
+            f"{name} failed: no supervisor answered within {timeout_s:g} s although one consumes "
+            "commands on this exchange; check that this CLI uses the cluster's key (the node logs "
+            "`command rejected reason=bad signature` otherwise), or retry with a longer --timeout"
+        )
+    return gathered
 
 
 def _report_gaps(gathered: Gathered, timeout_s: float, wait_s: float) -> bool:
@@ -943,7 +952,20 @@ def shutdown(
     _run(config, False, body)
 
 
+def _restore_ignored_signals() -> None:
+    """Undo an inherited SIG_IGN (a shell's background job ignores SIGINT, nohup SIGHUP).
+
+    An ignored signal stays ignored across exec, so every instance would inherit
+    it, and Ctrl-C would not end `--watch` or `-f`.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            handler = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+            signal.signal(signum, handler)
+
+
 def main() -> None:
+    _restore_ignored_signals()
     app(prog_name="mrq-supervisor")
 
 

@@ -60,6 +60,7 @@ __all__ = [
     "SupervisorSettings",
     "default_node_name",
     "load_config",
+    "load_supervisor_settings",
     "parse_config",
     "redact_url",
 ]
@@ -76,6 +77,7 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = {
     "MRQ_EXCHANGE": "exchange",
     "MRQ_STATE_DIR": "state_dir",
     "MRQ_CLUSTER_KEY": "cluster_key",
+    "MRQ_DASHBOARD": "dashboard",
 }
 
 NODE_NAME_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -1026,12 +1028,39 @@ def parse_config(text: str, path: Path, env: Mapping[str, str] | None = None) ->
     return config
 
 
+def load_supervisor_settings(path: Path, env: Mapping[str, str] | None = None) -> SupervisorSettings:
+    """Read only the [supervisor] table and its MRQ_* overrides, as the CLI needs.
+
+    A mistake in a [services] table must not keep an operator from reaching the
+    running supervisor, so the services are not validated here.
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or its [supervisor] table is invalid.
+    """
+    config_path = _absolute(path)
+    document = _parse_toml(_read_config_text(config_path), config_path)
+    table: dict[str, Any] = {"supervisor": document.get("supervisor", {})}
+    env_sources = _apply_env_overrides(table, os.environ if env is None else env)
+    context = {_CONFIG_DIR_CONTEXT_KEY: config_path.parent}
+    try:
+        return SupervisorSettings.model_validate(table["supervisor"], context=context)
+    except ValidationError as exc:
+        problems = [
+            _problem_from_error({**error, "loc": ("supervisor", *error["loc"])}, env_sources)
+            for error in exc.errors()
+        ]
+        raise ConfigError(config_path, list(dict.fromkeys(problems))) from exc
+
+
 def _absolute(path: Path) -> Path:
     return Path(os.path.abspath(path.expanduser()))
 
 
 def _read_config_text(path: Path) -> str:
-    how_to_choose = f"Pass the file with -c PATH, for example: mrq-supervisor start -c {DEFAULT_CONFIG_FILE}"
+    how_to_choose = (
+        f"Give the path of an existing file with -c PATH (without -c, ./{DEFAULT_CONFIG_FILE} "
+        "in the current folder is read)."
+    )
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:

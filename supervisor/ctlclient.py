@@ -35,7 +35,7 @@ from supervisor.config import (
     ENV_OVERRIDES,
     ConfigError,
     SupervisorSettings,
-    load_config,
+    load_supervisor_settings,
 )
 from supervisor.registry import Registry, RegistryError, registry_path
 
@@ -74,10 +74,15 @@ def load_client_settings(
     environ = os.environ if env is None else env
     if config_path.exists() or explicit:
         try:
-            return load_config(config_path, environ).supervisor
+            return load_supervisor_settings(config_path, environ)
         except ConfigError as exc:
             raise ClientError(f"invalid configuration: {exc}") from exc
     values = {key: environ[variable] for variable, key in ENV_OVERRIDES.items() if variable in environ}
+    if not values:
+        raise ClientError(
+            f"no {config_path} here and no MRQ_* variables: pass the supervisor's file with "
+            "-c PATH/TO/supervisor.toml, or set MRQ_EXCHANGE, MRQ_BROKER_URL and MRQ_CLUSTER_KEY"
+        )
     try:
         return SupervisorSettings.model_validate(values)
     except ValidationError as exc:

@@ -354,7 +354,11 @@ class Instance:
             self.restarts += 1
             return
         if outcome.status.code == names.EXIT_CONFIG or outcome.cause == "spawn":
-            await self._fatal(f"configuration error ({outcome.reason}); a restart cannot help")
+            detail = await self.ctx.configuration_error(self) if outcome.cause != "spawn" else None
+            await self._fatal(
+                f"configuration error ({detail or outcome.reason}); a restart cannot help, "
+                f"see `mrq-supervisor logs {self.name}`"
+            )
             return
         if outcome.cause == "exit" and not self.tracker.wants_restart(outcome.status.success):
             self.desired_up = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import os
 import signal
 import socket
@@ -49,6 +50,7 @@ ROTATE_INTERVAL_S = 10.0
 PRESENCE_INTERVAL_S = 10.0
 SHUTDOWN_GRACE_S = 10.0
 ORPHAN_MARKER = "MRQ_SUPERVISOR_STATE_DIR"
+STATE_LOCK_FILE = "supervisor.lock"
 
 
 class NodeContext(Protocol):
@@ -61,6 +63,7 @@ class NodeContext(Protocol):
     reconnected: bool
 
     def spawn_spec(self, instance: Instance) -> SpawnSpec: ...
+    async def configuration_error(self, instance: Instance) -> str | None: ...
     async def event(self, kind: str, instance: Instance, **data: Any) -> None: ...
     def instance_changed(self, instance: Instance) -> None: ...
     def instance_removed(self, instance: Instance) -> None: ...
@@ -156,6 +159,16 @@ class Node:
     async def event(self, kind: str, instance: Instance, **data: Any) -> None:
         await self.events.publish(kind, instance.service, instance.index, **data)
 
+    async def configuration_error(self, instance: Instance) -> str | None:
+        """Return the one-line reason a worker wrote before it exited with the configuration-error code."""
+        path = logfiles.instance_log_path(self.state_dir, instance.service, instance.index)
+        try:
+            lines = await logfiles.tail(path, 40)
+        except OSError:
+            return None
+        reasons = [line.strip() for line in lines if line.startswith("worker: ")]
+        return reasons[-1].removeprefix("worker: ") if reasons else None
+
     def instance_changed(self, instance: Instance) -> None:
         self._dirty.add(instance)
         self._flush_wake.set()
@@ -223,6 +236,8 @@ class Node:
         startup = Startup(self)
         async with AsyncExitStack() as stack:
             self.state_dir.mkdir(parents=True, exist_ok=True)
+            lock = _lock_state_dir(self.state_dir, self.node)
+            stack.callback(os.close, lock)
             await self.registry.open()
             stack.push_async_callback(self.registry.close)
             startup.show_known_services(await self.registry.services(), await self.registry.instances())
@@ -414,6 +429,11 @@ class Node:
         assert self.task_group is not None
         summary = await apply_reload(self, new, self.task_group)
         self.config = new
+        for name, service_config in new.services.items():
+            routes = self.routes.get(name, [])
+            await self.registry.upsert_service(
+                dataclasses.replace(_service_record(name, service_config), routes=routes)
+            )
         await self.events.publish("config.reloaded", None, None, **summary)
         return {"ok": True, **summary}
 
@@ -535,6 +555,28 @@ class Node:
         await broker.publish_nowait(
             self.settings.control_exchange, names.supervisor_presence_key(self.node), body, properties
         )
+
+
+def _lock_state_dir(state_dir: Path, node: str) -> int:
+    """Take the state folder for this supervisor; raise StartupError when another one holds it.
+
+    Two supervisors on one state folder would adopt and stop each other's
+    instances. The lock goes with the process, also when it is killed.
+    """
+    path = state_dir / STATE_LOCK_FILE
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(descriptor)
+        raise StartupError(
+            f"the state folder {state_dir} is in use by another running supervisor ({owner}); "
+            "give each supervisor its own state_dir in [supervisor] or MRQ_STATE_DIR"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"pid={os.getpid()} node={node}\n".encode(), 0)
+    return descriptor
 
 
 def _without_query(url: str | None) -> str | None:

@@ -51,8 +51,11 @@ async def apply_reload(node: Node, new: SupervisorConfig, task_group: asyncio.Ta
     for name in changed:
         group = node.groups[name]
         group.update_config(new.services[name])
+        # Restart the running instances first, then add any new ones: they start with
+        # the new settings already and need no restart.
+        keep = min(group.replicas, new.services[name].replicas)
+        await group.restart_rolling(list(range(keep)))
         await group.scale(new.services[name].replicas, task_group)
-        await group.restart_rolling()
     summary = {"added": added, "removed": removed, "changed": changed, "scaled": scaled, "ignored": ignored}
     logger.info("configuration reloaded {}", " ".join(f"{k}={v}" for k, v in summary.items() if v))
     return summary

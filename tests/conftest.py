@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -19,6 +20,11 @@ import pytest
 
 from sdk.service import registry
 from sdk.settings import SettingsModel, settings
+
+# A test run started as a shell's background job ignores SIGINT, and its children
+# would inherit that; the tests send SIGINT to the CLI and to programs on purpose.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 BROKER_HOST = "127.0.0.1"
 BROKER_PORT = 5672

@@ -345,7 +345,13 @@ def test_env_overrides_cover_documented_variables() -> None:
         "MRQ_EXCHANGE": "exchange",
         "MRQ_STATE_DIR": "state_dir",
         "MRQ_CLUSTER_KEY": "cluster_key",
+        "MRQ_DASHBOARD": "dashboard",
     }
+
+
+def test_dashboard_variable_turns_it_off(tmp_path: Path) -> None:
+    config = parse_config('[services.a]\ncommand = ["true"]\n', tmp_path / "s.toml", {"MRQ_DASHBOARD": "off"})
+    assert config.supervisor.dashboard is None
 
 
 # --- errors: files and syntax ------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -88,6 +89,10 @@ def fail_configuration(message: str, exc: BaseException | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # An ignored signal survives exec; a worker must stop on SIGTERM and SIGINT whatever its parent ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
     args = parse_args(argv)
     try:
         resolved = settings.resolve()
