@@ -146,7 +146,8 @@ def test_killed_instance_shows_exit_and_recovery(page: Any, dash: DashboardRun) 
     )
     page.wait_for_function(
         "([key, pid]) => { const r = document.querySelector(`tr.instance[data-key='${key}']`);"
-        " return r.dataset.state === 'running' && r.querySelector('.c-pid').textContent !== String(pid); }",
+        " const shown = r.querySelector('.c-pid').textContent;"
+        " return r.dataset.state === 'running' && /^[0-9]+$/.test(shown) && shown !== String(pid); }",
         arg=[f"{dash.kit.node}/billing/1", old_pid],
     )
     assert page.evaluate("window.loadedOnce") is True, "the page reloaded"
