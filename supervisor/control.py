@@ -108,6 +108,8 @@ class PeerBook:
 
     def observe(self, status: NodeStatus, now: float) -> None:
         """Record a presence message: "up" adds or refreshes the node, "down" drops it."""
+        if status.node == self.own_node:
+            return
         if status.state == "down":
             if self.peers.pop(status.node, None) is not None:
                 logger.info("peer left node={} host={}", status.node, status.host)

@@ -439,7 +439,11 @@ class Instance:
     def snapshot(self) -> dict[str, Any]:
         """Return the figures that status, the dashboard and the metrics show."""
         now = time.time()
-        heartbeat = self.heartbeat
+        live = self.state in LIVE_STATES
+        heartbeat = self.heartbeat if live else None
+        metrics = self.metrics
+        # Figures of an earlier process, or none yet for this one, show as unknown.
+        sampled = live and metrics.sampled_at > 0 and metrics.sampled_at >= (self.started_at or 0)
         return {
             "node": self.ctx.node,
             "service": self.service,
@@ -451,10 +455,10 @@ class Instance:
             if self.started_at and self.state in LIVE_STATES
             else None,
             "restarts": self.restarts,
-            "cpu_percent": round(self.metrics.cpu_percent, 1),
-            "rss_bytes": self.metrics.rss_bytes,
-            "open_files": self.metrics.open_files,
-            "threads": self.metrics.threads,
+            "cpu_percent": round(metrics.cpu_percent, 1) if sampled else None,
+            "rss_bytes": metrics.rss_bytes if sampled else None,
+            "open_files": metrics.open_files if sampled else None,
+            "threads": metrics.threads if sampled else None,
             "heartbeat_age_s": round(now - heartbeat.sent_at, 2)
             if heartbeat and self.state in LIVE_STATES
             else None,

@@ -354,8 +354,8 @@ function updateRow(row, r) {
   setText(c.uptime, fmtDuration(r.uptime_s));
   setText(c.restarts, String(r.restarts));
   setClass(c.restarts, `c-restarts num${r.restarts ? " warn" : ""}`);
-  setText(c.cpu, r.pid ? `${r.cpu_percent.toFixed(1)}%` : "–");
-  setText(c.mem, r.pid ? fmtBytes(r.rss_bytes) : "–");
+  setText(c.cpu, r.cpu_percent != null ? `${r.cpu_percent.toFixed(1)}%` : "–");
+  setText(c.mem, r.rss_bytes != null ? fmtBytes(r.rss_bytes) : "–");
   setText(c.hb, fmtDuration(r.heartbeat_age_s));
   setClass(c.hb, `c-hb num${r.heartbeat_age_s > 5 ? " warn" : ""}`);
 
