@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "worker_start": "bench.worker_start",
     "worker_idle": "bench.worker_idle",
     "worker_cpu": "bench.worker_cpu",
+    "supervisors": "bench.supervisors",
 }
 
 
