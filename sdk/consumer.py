@@ -31,12 +31,17 @@ from loguru import logger
 
 from sdk import codec, names
 from sdk.context import Context
-from sdk.errors import BadMessage, NoRoute, Reject, Retry
+from sdk.errors import BadMessage, HandlerTimeout, MrqError, NoRoute, Reject, Retry
 from sdk.handler import Invoker
 from sdk.service import RouteSpec
 
 if TYPE_CHECKING:
     from sdk.runtime import ServiceRunner
+
+
+# A counted copy of a redelivered message waits at least this long before it comes back.
+_REDELIVERY_DELAY_MS = 500
+_GIVE_BACK_TIMEOUT_S = 2.0
 
 
 class RouteConsumer:
@@ -55,6 +60,7 @@ class RouteConsumer:
         self.max_attempts = 1 + (spec.retries if spec.retries is not None else settings.retries)
         self.retry_delay_s = spec.retry_delay_s if spec.retry_delay_s is not None else settings.retry_delay_s
         self.max_redeliveries = settings.max_redeliveries
+        self.timeout_s = spec.timeout_s if spec.timeout_s is not None else settings.handler_timeout_s
         self.queue: AbstractRobustQueue | None = None
         self.consumer_tag: str | None = None
 
@@ -102,7 +108,17 @@ class RouteConsumer:
         # A redelivered message is replaced by a counted copy, which the broker does not flag.
         ctx.redelivered = ctx.redelivered or _int_header(headers, names.H_REDELIVERIES, 0) > 0
         try:
-            result = await self.invoker(ctx, body)
+            if self.timeout_s is None:
+                result = await self.invoker(ctx, body)
+            else:
+                async with asyncio.timeout(self.timeout_s):
+                    result = await self.invoker(ctx, body)
+        except TimeoutError as exc:
+            if self.timeout_s is None:
+                await self._failed(message, attempt, exc)
+            else:
+                timed_out = HandlerTimeout(f"the handler ran longer than timeout_s={self.timeout_s:g}")
+                await self._failed(message, attempt, timed_out)
         except Reject as exc:
             await self._reject(message, exc)
         except Retry as exc:
@@ -126,12 +142,43 @@ class RouteConsumer:
             await self._dead_letter(message, "Redelivered", reason, None)
             return True
         copy = {**headers, names.H_REDELIVERIES: count}
-        await self._republish("", self.queue_name, message, copy)
+        # The copy waits in a delay queue: sent straight back, it could reach this process
+        # and kill it again before the original's ack went out, and both would come back.
+        delay_ms = max(int(self.retry_delay_s * 1000), _REDELIVERY_DELAY_MS)
+        await self._republish("", await self.runner.retry_queue(self.queue_name, delay_ms), message, copy)
         await self.runner.settle_now(message)
         logger.warning(
-            "message redelivered, requeued with a count queue={} redeliveries={}", self.queue_name, count
+            "message redelivered, requeued with a count queue={} redeliveries={} delay_ms={}",
+            self.queue_name,
+            count,
+            delay_ms,
         )
         return True
+
+    async def salvage(self, message: AbstractIncomingMessage, exc: Exception) -> None:
+        """Dead-letter a delivery whose outcome failed unexpectedly, or requeue it when that fails too."""
+        try:
+            await self._dead_letter(message, type(exc).__name__, f"outcome failed: {exc}", exc)
+        except Exception as second:
+            logger.warning("dead-lettering failed, requeueing queue={} error={}", self.queue_name, second)
+            await self.runner.tracker.requeue(message)
+
+    async def give_back(self, message: AbstractIncomingMessage) -> None:
+        """Return a delivery that no handler ran (a drain) without marking it redelivered.
+
+        A plain requeue sets the broker's redelivered flag, which would count
+        against `max_redeliveries` although nothing went wrong; a fresh copy does not.
+        """
+        broker = self.runner.broker
+        if broker.connected:
+            try:
+                async with asyncio.timeout(_GIVE_BACK_TIMEOUT_S):
+                    await self._republish("", self.queue_name, message, message.headers or {})
+                await self.runner.settle_now(message)
+                return
+            except (TimeoutError, MrqError, ConnectionError) as exc:
+                logger.debug("give back failed, requeueing queue={} error={}", self.queue_name, exc)
+        await self.runner.tracker.requeue(message)
 
     async def _bad_input(self, message: AbstractIncomingMessage, exc: BadMessage) -> None:
         logger.error("bad message dead-lettered queue={} error={}", self.queue_name, exc)
@@ -155,7 +202,7 @@ class RouteConsumer:
             await self._reply_error(message, error_type, str(exc))
             await self.runner.settle(message)
             return
-        delay_s = min(self.retry_delay_s * 2 ** (attempt - 1), self.runner.settings.retry_delay_max_s)
+        delay_s = self.retry_delay_s * 2 ** min(attempt - 1, 32)
         await self._retry(message, attempt, delay_s, f"{error_type}: {exc}", exc)
 
     async def _retry(
@@ -181,6 +228,8 @@ class RouteConsumer:
             reason,
         )
         headers = {**(message.headers or {}), names.H_ATTEMPT: attempt + 1}
+        # Explicit Retry delays are bounded like computed ones.
+        delay_s = min(delay_s, self.runner.settings.retry_delay_max_s)
         delay_ms = max(int(delay_s * 1000), 1)
         retry_queue = await self.runner.retry_queue(self.queue_name, delay_ms)
         await self._republish("", retry_queue, message, headers)
@@ -226,8 +275,9 @@ class RouteConsumer:
     async def _reply(self, message: AbstractIncomingMessage, result: Any) -> None:
         try:
             data, content_type = codec.encode(result)
-        except TypeError as exc:
-            await self._reply_error(message, "TypeError", f"cannot encode the reply: {exc}")
+        except Exception as exc:
+            logger.error("reply not encodable queue={} error={}", self.queue_name, exc)
+            await self._reply_error(message, type(exc).__name__, f"cannot encode the reply: {exc}")
             return
         headers = {names.H_STATUS: names.STATUS_OK}
         await self._send_reply(message, data, content_type, headers)

@@ -105,11 +105,15 @@ class Retry(MrqError):
     """
 
     def __init__(self, delay_s: float = 1.0, reason: str = "retry requested by handler") -> None:
-        if delay_s < 0:
-            raise ValueError(f"Retry delay_s must be >= 0, got {delay_s!r}")
+        if not 0 <= delay_s < float("inf"):
+            raise ValueError(f"Retry delay_s must be a finite number >= 0, got {delay_s!r}")
         self.delay_s = delay_s
         self.reason = reason
         super().__init__(f"{reason} (in {delay_s:g} s)")
+
+
+class HandlerTimeout(MrqError, TimeoutError):
+    """A handler ran longer than its route's `timeout_s` (or the `handler_timeout_s` setting)."""
 
 
 class BadMessage(MrqError):

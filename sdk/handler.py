@@ -30,6 +30,10 @@ class Invoker:
         self.is_async = inspect.iscoroutinefunction(func)
         if blocking and self.is_async:
             raise DefinitionError(f"{where} is async; blocking=True is for plain functions")
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            raise DefinitionError(
+                f"{where} is a generator: a handler returns its reply (or None); use return, not yield"
+            )
         self._context_index, self._body_index, self._adapter = _inspect(func, where)
         self._arity = max(self._context_index, self._body_index) + 1
 
@@ -46,6 +50,9 @@ class Invoker:
             ]
             detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
             raise BadMessage(f"invalid body: {detail}", errors) from None
+        except Exception as exc:
+            # A validator of the user's model may raise anything; the body is still the culprit.
+            raise BadMessage(f"invalid body: {type(exc).__name__}: {exc}") from None
 
     async def __call__(self, ctx: Context, body: Any) -> Any:
         args: list[Any] = [None] * self._arity
@@ -56,8 +63,12 @@ class Invoker:
         if self.is_async:
             return await self.func(*args)
         if self.blocking:
-            return await anyio.to_thread.run_sync(lambda: self.func(*args))
-        return self.func(*args)
+            # Abandoned at a timeout: a thread cannot be stopped, but its slot is freed.
+            return await anyio.to_thread.run_sync(lambda: self.func(*args), abandon_on_cancel=True)
+        result = self.func(*args)
+        if inspect.isawaitable(result):
+            return await result
+        return result
 
 
 def _inspect(func: Callable[..., Any], where: str) -> tuple[int, int, TypeAdapter[Any] | None]:
@@ -65,11 +76,18 @@ def _inspect(func: Callable[..., Any], where: str) -> tuple[int, int, TypeAdapte
         hints = typing.get_type_hints(func)
     except Exception as exc:
         raise DefinitionError(f"cannot read the annotations of {where}: {exc}") from exc
-    params = [
-        p
-        for p in inspect.signature(func).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    every = list(inspect.signature(func).parameters.values())
+    unusable = [
+        p.name
+        for p in every
+        if p.kind == p.VAR_POSITIONAL or (p.kind == p.KEYWORD_ONLY and p.default is p.empty)
     ]
+    if unusable:
+        raise DefinitionError(
+            f"{where} has parameters a handler cannot fill ({', '.join(unusable)}): "
+            "expected (ctx), (ctx, body) or (body) as positional parameters"
+        )
+    params = [p for p in every if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     context_index = body_index = -1
     adapter: TypeAdapter[Any] | None = None
     for index, param in enumerate(params):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import decimal
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,14 +58,27 @@ class Messenger:
         if not future.done():
             future.set_result(message)
 
-    async def send(self, target: str, body: Any = None, *, headers: Mapping[str, Any] | None = None) -> None:
+    def _encode(self, body: Any, headers: Mapping[str, Any] | None) -> tuple[bytes, str]:
+        """Encode a body and check it and the headers before the broker sees them."""
         data, content_type = codec.encode(body)
+        limit = self.broker.settings.max_message_bytes
+        if len(data) > limit:
+            raise ValueError(
+                f"the message body has {len(data)} bytes, more than max_message_bytes={limit} "
+                "(RabbitMQ rejects bodies over 128 MiB by default); send a reference to the data instead"
+            )
+        if headers:
+            check_headers(headers)
+        return data, content_type
+
+    async def send(self, target: str, body: Any = None, *, headers: Mapping[str, Any] | None = None) -> None:
+        data, content_type = self._encode(body, headers)
         properties = self.broker.properties(content_type=content_type, headers=headers)
         await self.broker.publish(self.exchange, target, data, properties)
 
     async def emit(self, event: str, body: Any = None, *, headers: Mapping[str, Any] | None = None) -> None:
         """Publish an event; with no subscriber the event is dropped, not an error."""
-        data, content_type = codec.encode(body)
+        data, content_type = self._encode(body, headers)
         properties = self.broker.properties(content_type=content_type, headers=headers)
         await self.broker.publish(
             self.exchange, names.event_routing_key(event), data, properties, mandatory=False
@@ -91,7 +107,9 @@ class Messenger:
         if not self._reply_consumer_started:
             raise RuntimeError("the messenger is not started")
         timeout_s = self.broker.settings.rpc_timeout_s if timeout is None else timeout
-        data, content_type = codec.encode(body)
+        if not 0 < timeout_s < math.inf:
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout_s!r}")
+        data, content_type = self._encode(body, headers)
         correlation_id = self.broker.next_id()
         properties = self.broker.properties(
             content_type=content_type,
@@ -111,6 +129,40 @@ class Messenger:
             raise RpcTimeout(target, timeout_s) from None
         finally:
             self._pending.pop(correlation_id, None)
+
+
+_HEADER_SCALARS = (str, bytes, bool, int, decimal.Decimal, datetime.datetime, type(None))
+
+
+def check_headers(headers: Mapping[str, Any], path: str = "") -> None:
+    """Raise ValueError for a header value that an AMQP table cannot carry faithfully.
+
+    RabbitMQ closes the whole connection on a NaN or infinite float, and the
+    client library rejects tuples and other types, so they are caught here.
+    """
+    for key, value in headers.items():
+        name = f"{path}{key}"
+        if not isinstance(key, str):
+            raise ValueError(f"header key {key!r} is not a string")
+        _check_header_value(name, value)
+
+
+def _check_header_value(name: str, value: Any) -> None:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"header {name!r} is {value!r}: AMQP cannot carry NaN or infinite numbers")
+    elif isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise ValueError(f"header {name!r} is {value}, outside the 64-bit range of AMQP integers")
+    elif isinstance(value, Mapping):
+        check_headers(value, f"{name}.")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_header_value(f"{name}[{index}]", item)
+    elif not isinstance(value, _HEADER_SCALARS):
+        raise ValueError(
+            f"header {name!r} has type {type(value).__name__}; use str, bytes, bool, int, float, "
+            "Decimal, datetime, None, a list or a dict of these"
+        )
 
 
 def decode_reply(target: str, reply: AbstractIncomingMessage) -> Any:

@@ -144,7 +144,7 @@ class ServiceRunner:
             async with self.semaphore:
                 # Deliveries that arrive or wait for a slot during a drain go back unprocessed.
                 if self.draining:
-                    await self.tracker.requeue(message)
+                    await consumer.give_back(message)
                     return
                 await consumer.process(message)
         except asyncio.CancelledError:
@@ -153,8 +153,10 @@ class ServiceRunner:
             )
             await self.tracker.requeue(message)
             raise
-        except Exception:
-            logger.exception("message left unacked for redelivery queue={}", consumer.queue_name)
+        except Exception as exc:
+            # Left unacked, the delivery would hold a prefetch slot until the channel closes.
+            logger.opt(exception=exc).error("message outcome failed queue={}", consumer.queue_name)
+            await consumer.salvage(message, exc)
         finally:
             self.in_flight -= 1
             self.stats.in_flight -= 1

@@ -8,6 +8,8 @@ and the worker serve what the registry holds.
 from __future__ import annotations
 
 import inspect
+import math
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -19,6 +21,8 @@ from sdk.errors import DefinitionError
 F = TypeVar("F", bound=Callable[..., Any])
 
 _ROUTE_MARK = "__mrq_route__"
+# Route names whose queue would be the dead-letter or delay queue of another route.
+_SHADOWS_OWN_QUEUE = re.compile(r"(^|\.)dead$|(^|\.)retry\.[0-9]+(\.|$)")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class RouteSpec:
     retries: int | None = None
     retry_delay_s: float | None = None
     attribute: str | None = None
+    timeout_s: float | None = None
 
     def queue(self, service: str) -> str:
         if self.kind == "event":
@@ -74,10 +79,11 @@ def _check_route_name(route: str | None, where: str) -> None:
             f"invalid route name {route!r} in {where}: expected words of letters, digits, - or _ "
             "joined by dots, such as 'create' or 'orders.create'"
         )
-    if route.startswith("_") or route == "on" or route.startswith("on."):
+    if route.startswith("_") or route == "on" or route.startswith("on.") or _SHADOWS_OWN_QUEUE.search(route):
         raise DefinitionError(
-            f"route name {route!r} in {where} is reserved (names starting with '_' or 'on.'); "
-            "choose another name"
+            f"route name {route!r} in {where} is reserved: names starting with '_' or 'on.', "
+            "ending in 'dead' or containing 'retry.<number>' would share a queue with the "
+            "subscriptions, dead letters or delayed retries of another route; choose another name"
         )
 
 
@@ -91,11 +97,21 @@ def _check_service_name(name: str, where: str) -> None:
         raise DefinitionError(f"service name {name!r} in {where} is reserved; choose another name")
 
 
-def _check_options(retries: int | None, retry_delay_s: float | None, where: str) -> None:
+def _check_options(
+    retries: int | None, retry_delay_s: float | None, where: str, timeout_s: float | None = None
+) -> None:
     if retries is not None and (not isinstance(retries, int) or retries < 0):
         raise DefinitionError(f"retries in {where} must be an integer >= 0, got {retries!r}")
-    if retry_delay_s is not None and retry_delay_s < 0:
-        raise DefinitionError(f"retry_delay_s in {where} must be >= 0, got {retry_delay_s!r}")
+    if retry_delay_s is not None and not (0 <= retry_delay_s < math.inf):
+        raise DefinitionError(f"retry_delay_s in {where} must be a finite number >= 0, got {retry_delay_s!r}")
+    if timeout_s is not None and not (0 < timeout_s < math.inf):
+        raise DefinitionError(f"timeout_s in {where} must be a finite number > 0, got {timeout_s!r}")
+
+
+def _attach(func: Any, spec: RouteSpec) -> None:
+    """Mark `func` with its route; a staticmethod or classmethod is marked through its function."""
+    target = func.__func__ if isinstance(func, staticmethod | classmethod) else func
+    setattr(target, _ROUTE_MARK, spec)
 
 
 def route(
@@ -104,18 +120,22 @@ def route(
     blocking: bool = False,
     retries: int | None = None,
     retry_delay_s: float | None = None,
+    timeout_s: float | None = None,
 ) -> Callable[[F], F]:
     """Mark a method of a `Service` as the handler of route `name` (queue `<service>.<name>`).
 
-    `blocking=True` runs a plain function in a worker thread. `retries` and
-    `retry_delay_s` override the settings of the same names for this route.
+    `blocking=True` runs a plain function in a worker thread. `retries`,
+    `retry_delay_s` and `timeout_s` override the settings `retries`,
+    `retry_delay_s` and `handler_timeout_s` for this route.
     """
     _check_route_name(name, "@route")
-    _check_options(retries, retry_delay_s, "@route")
+    _check_options(retries, retry_delay_s, "@route", timeout_s)
 
     def mark(func: F) -> F:
-        spec = RouteSpec("route", name, func, blocking, retries, retry_delay_s, func.__name__)
-        setattr(func, _ROUTE_MARK, spec)
+        spec = RouteSpec(
+            "route", name, func, blocking, retries, retry_delay_s, _name_of(func), timeout_s=timeout_s
+        )
+        _attach(func, spec)
         return func
 
     return mark
@@ -127,6 +147,7 @@ def on_event(
     blocking: bool = False,
     retries: int | None = None,
     retry_delay_s: float | None = None,
+    timeout_s: float | None = None,
 ) -> Callable[[F], F]:
     """Mark a method of a `Service` as a subscriber to events matching `pattern`.
 
@@ -138,14 +159,21 @@ def on_event(
             f"invalid event pattern {pattern!r}: expected dot-separated words, '*' or '#', "
             "such as 'order.created' or 'order.*'"
         )
-    _check_options(retries, retry_delay_s, "@on_event")
+    _check_options(retries, retry_delay_s, "@on_event", timeout_s)
 
     def mark(func: F) -> F:
-        spec = RouteSpec("event", pattern, func, blocking, retries, retry_delay_s, func.__name__)
-        setattr(func, _ROUTE_MARK, spec)
+        spec = RouteSpec(
+            "event", pattern, func, blocking, retries, retry_delay_s, _name_of(func), timeout_s=timeout_s
+        )
+        _attach(func, spec)
         return func
 
     return mark
+
+
+def _name_of(func: Any) -> str:
+    target = func.__func__ if isinstance(func, staticmethod | classmethod) else func
+    return str(getattr(target, "__name__", "handler"))
 
 
 class Service:
@@ -220,6 +248,7 @@ def microservice(
     blocking: bool = False,
     retries: int | None = None,
     retry_delay_s: float | None = None,
+    timeout_s: float | None = None,
     prefetch: int | None = None,
     concurrency: int | None = None,
 ) -> Callable[[F], F]:
@@ -234,7 +263,7 @@ def microservice(
         _check_service_name(service, "@microservice")
     if event is not None and route is not None:
         raise DefinitionError("@microservice takes either route= or event=, not both")
-    _check_options(retries, retry_delay_s, "@microservice")
+    _check_options(retries, retry_delay_s, "@microservice", timeout_s)
 
     def mark(func: F) -> F:
         if event is not None:
@@ -242,7 +271,9 @@ def microservice(
         else:
             _check_route_name(route, "@microservice")
             spec = RouteSpec("route", route, func, blocking)
-        spec = replace(spec, retries=retries, retry_delay_s=retry_delay_s, attribute=func.__name__)
+        spec = replace(
+            spec, retries=retries, retry_delay_s=retry_delay_s, timeout_s=timeout_s, attribute=func.__name__
+        )
         registry.add_function(_FunctionRoute(service, spec, prefetch, concurrency))
         return func
 

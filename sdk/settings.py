@@ -41,7 +41,7 @@ def _default_node() -> str:
 class SettingsModel(BaseModel):
     """The resolved settings of one process."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     broker_url: str = "amqp://guest:guest@localhost:5672/"
     exchange: str = names.DEFAULT_EXCHANGE
@@ -62,6 +62,8 @@ class SettingsModel(BaseModel):
     publish_timeout_s: float = Field(30.0, gt=0)
     connect_timeout_s: float = Field(10.0, gt=0)
     rpc_timeout_s: float = Field(30.0, gt=0)
+    handler_timeout_s: float | None = Field(None, gt=0)
+    max_message_bytes: int = Field(128 * 1024 * 1024, ge=1)
     heartbeat_interval_s: float = Field(1.0, ge=0.05)
     heartbeat_misses: int = Field(3, ge=1)
     command_max_age_s: float = Field(30.0, gt=0)

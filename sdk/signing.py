@@ -13,7 +13,7 @@ import hmac
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from sdk import names
@@ -35,8 +35,25 @@ def sign_headers(key: bytes, body: bytes) -> dict[str, Any]:
     return {names.H_SIGNATURE: signature(key, body)}
 
 
-def make_command(name: str, args: Mapping[str, Any] | None = None, *, sender: str) -> Command:
-    return Command(id=new_nonce(), issued_at=time.time(), sender=sender, name=name, args=dict(args or {}))
+def make_command(
+    name: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    sender: str,
+    target: str | None = None,
+    ttl_s: float | None = None,
+) -> Command:
+    """Build a command for `target` (a routing key) that must not run after `ttl_s` seconds."""
+    issued_at = time.time()
+    return Command(
+        id=new_nonce(),
+        issued_at=issued_at,
+        sender=sender,
+        name=name,
+        args=dict(args or {}),
+        target=target,
+        expires_at=issued_at + ttl_s if ttl_s is not None else None,
+    )
 
 
 def check_signature(key: bytes, body: bytes, headers: Mapping[str, Any] | None) -> None:
@@ -53,11 +70,26 @@ def check_signature(key: bytes, body: bytes, headers: Mapping[str, Any] | None) 
 
 
 class CommandVerifier:
-    """Accepts a signed command once, within `max_age_s` of its time stamp."""
+    """Accepts a signed command once, within `max_age_s` of its time stamp.
 
-    def __init__(self, key: bytes, *, max_age_s: float, max_bytes: int = MAX_COMMAND_BYTES) -> None:
+    With `targets`, only commands addressed to one of those routing keys pass.
+    With `not_before` (the receiver's start time), a command issued earlier is
+    rejected, because the nonces it may have used died with the previous process.
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        *,
+        max_age_s: float,
+        targets: Collection[str] | None = None,
+        not_before: float | None = None,
+        max_bytes: int = MAX_COMMAND_BYTES,
+    ) -> None:
         self._key = key
         self.max_age_s = max_age_s
+        self.targets = frozenset(targets) if targets is not None else None
+        self.not_before = not_before
         self.max_bytes = max_bytes
         self._seen: OrderedDict[str, float] = OrderedDict()
 
@@ -78,11 +110,23 @@ class CommandVerifier:
             raise SignatureError(f"stale: issued {age_s:.1f} s ago, the window is {self.max_age_s:g} s")
         if age_s < -self.max_age_s:
             raise SignatureError(f"from the future: issued {-age_s:.1f} s ahead of this clock")
+        self._check_addressing(message, now)
         self._forget_expired(now)
         if message.id in self._seen:
             raise SignatureError(f"replayed: nonce {message.id} was already used")
         self._seen[message.id] = now + 2 * self.max_age_s
         return message
+
+    def _check_addressing(self, message: Command, now: float) -> None:
+        if self.targets is not None and message.target not in self.targets:
+            accepted = ", ".join(sorted(self.targets))
+            raise SignatureError(
+                f"misdirected: addressed to {message.target!r}, this receiver takes {accepted}"
+            )
+        if message.expires_at is not None and now > message.expires_at:
+            raise SignatureError(f"expired: its sender stopped waiting {now - message.expires_at:.1f} s ago")
+        if self.not_before is not None and message.issued_at < self.not_before:
+            raise SignatureError("stale: issued before this receiver started, so it may be a replay")
 
     def _forget_expired(self, now: float) -> None:
         while self._seen:

@@ -85,6 +85,9 @@ class Command(_Wire):
 
     `id` is a random nonce that a receiver accepts once; `issued_at` is the
     sender's clock in UNIX seconds, checked against the receiver's window.
+    `target` is the routing key the sender addressed, so that a command
+    captured on its way to one receiver is rejected by another; `expires_at`
+    is when the sender stops waiting, after which the command must not run.
     """
 
     type: Literal["command"] = "command"
@@ -93,6 +96,8 @@ class Command(_Wire):
     sender: str = Field(max_length=200)
     name: str = Field(min_length=1, max_length=64)
     args: dict[str, Any] = {}
+    target: str | None = Field(default=None, max_length=300)
+    expires_at: float | None = None
 
 
 class Reply(_Wire):

@@ -30,6 +30,8 @@ DEFAULTS = {
     "publish_timeout_s": 30.0,
     "connect_timeout_s": 10.0,
     "rpc_timeout_s": 30.0,
+    "handler_timeout_s": None,
+    "max_message_bytes": 128 * 1024 * 1024,
     "heartbeat_interval_s": 1.0,
     "heartbeat_misses": 3,
     "command_max_age_s": 30.0,

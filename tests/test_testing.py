@@ -95,7 +95,7 @@ async def test_real_delays_leave_long_delay_waiting() -> None:
             if ctx.attempt == 1:
                 raise Retry(delay_s=3600)
 
-    async with TestBroker(real_delays=True) as broker:
+    async with TestBroker(real_delays=True, retry_delay_max_s=7200) as broker:
         await broker.send("mail.send", {"to": "c@example.org"})
         with pytest.raises(SettleTimeout, match=r"waiting for a TTL in mail\.send\.retry\.3600000"):
             await broker.settle(timeout_s=0.5)
@@ -430,7 +430,7 @@ async def test_headers_pass_through_amqp_encoding() -> None:
     async with TestBroker() as broker:
         await broker.send("inbox.put", {}, headers={"x-app-at": sent_at})
         await broker.settle()
-        with pytest.raises(TypeError, match="x-app-tags"):
+        with pytest.raises(ValueError, match="header 'x-app-tags' has type tuple"):
             await broker.send("inbox.put", {}, headers={"x-app-tags": ("a", "b")})
 
     # An AMQP timestamp has whole seconds.
