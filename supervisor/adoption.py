@@ -3,14 +3,17 @@
 An instance is adopted only when its pid AND its process start time match the
 registry, so a pid that the kernel reused for another program is never
 touched. Adopted instances must send a heartbeat within the start timeout,
-or they are stopped and replaced. A process that carries this state folder's
-marker in its environment but matches no configured instance is stopped, so
-no orphan or duplicate remains even when the registry missed a spawn.
+or they are stopped and replaced. A process-group leader that carries this
+state folder's marker in its environment but matches no configured instance is
+stopped, so no orphan or duplicate remains even when the registry missed a
+spawn. A helper that an adopted instance started in a group of its own is no
+orphan: its parent chain leads to that instance, which stops it with itself.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,8 +52,15 @@ async def adopt_leftovers(node: Node) -> None:
         else:
             _stop_later(node, process, f"{record.service}:{record.index} is no longer configured")
             adopted.add(process.pid)
-    for pid, start_time in await anyio.to_thread.run_sync(find_marked_leaders, node.state_dir):
+    for leader in await anyio.to_thread.run_sync(find_marked_leaders, node.state_dir):
+        pid, start_time = leader.pid, leader.start_time
         if pid in adopted:
+            continue
+        # NOTE: a helper that forked twice to detach (setsid -f, a daemon) is reparented to
+        # init, so it does not count as a helper of its instance and is stopped here.
+        owner = next((ancestor for ancestor in leader.ancestors if ancestor in adopted), None)
+        if owner is not None:
+            logger.info("helper of an adopted instance kept pid={} instance_pid={}", pid, owner)
             continue
         process = AdoptedProcess.adopt(pid, start_time)
         if process is not None:
@@ -67,12 +77,21 @@ def _stop_later(node: Node, process: AdoptedProcess, reason: str) -> None:
     node.task_group.create_task(process.stop(_LEFTOVER_STOP_TIMEOUT_S))
 
 
-def find_marked_leaders(state_dir: Path) -> list[tuple[int, float]]:
-    """Return (pid, start time) of process-group leaders whose environment names `state_dir`."""
+@dataclass(frozen=True)
+class MarkedLeader:
+    """A process-group leader that carries a state folder's marker, with the pids of its ancestors."""
+
+    pid: int
+    start_time: float
+    ancestors: tuple[int, ...]
+
+
+def find_marked_leaders(state_dir: Path) -> list[MarkedLeader]:
+    """Return the process-group leaders whose environment names `state_dir`."""
     from supervisor.node import ORPHAN_MARKER
 
     wanted = str(state_dir)
-    found: list[tuple[int, float]] = []
+    found: list[MarkedLeader] = []
     own = os.getpid()
     for process in psutil.process_iter(["pid"]):
         pid = process.pid
@@ -83,7 +102,8 @@ def find_marked_leaders(state_dir: Path) -> list[tuple[int, float]]:
                 continue
             if process.environ().get(ORPHAN_MARKER) != wanted:
                 continue
-            found.append((pid, process.create_time()))
+            ancestors = tuple(parent.pid for parent in process.parents())
+            found.append(MarkedLeader(pid, process.create_time(), ancestors))
         except (psutil.Error, OSError):
             continue
     return found

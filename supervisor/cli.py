@@ -115,22 +115,26 @@ def _run_supervisor(path: Path) -> None:
     from supervisor.control import ControlServer
     from supervisor.keys import KeyError_
     from supervisor.logsetup import configure
-    from supervisor.node import Node, StartupError
+    from supervisor.node import Node, StartupError, prepare_state_dir
+    from supervisor.registry import RegistryError
 
     try:
         loaded = load_config(path)
-    except ConfigError as exc:
+        # Before logging starts: the log file lives in the state folder.
+        prepare_state_dir(loaded.supervisor.state_dir)
+    except (ConfigError, StartupError) as exc:
         _fail(str(exc))
         return
     log_file = configure(loaded.supervisor)
     logger.info("supervisor starting node={} config={} log={}", loaded.supervisor.node, path, log_file)
     node = Node(loaded)
+    node.configure_logging = configure
     node.extensions.append(ControlServer())
     if loaded.supervisor.dashboard_address() is not None:
         from supervisor.dashboard import Dashboard
 
         node.extensions.append(Dashboard())
-    expected = (StartupError, BrokerError, KeyError_)
+    expected = (StartupError, BrokerError, KeyError_, RegistryError)
     try:
         code = uvloop.run(node.run())
     except expected as exc:
@@ -269,8 +273,9 @@ async def _ask(
         # The command was routed, so a supervisor consumes it, but none answered.
         raise CommandFailed(
             f"{name} failed: no supervisor answered within {timeout_s:g} s although one consumes "
-            "commands on this exchange; check that this CLI uses the cluster's key (the node logs "
-            "`command rejected reason=bad signature` otherwise), or retry with a longer --timeout"
+            "commands on this exchange, and the command expired, so it will not run later; the "
+            "supervisor may be overloaded or stopped (SIGSTOP), or this CLI may use another key "
+            "(the node then logs `command rejected reason=bad signature`); retry with a longer --timeout"
         )
     return gathered
 
@@ -280,9 +285,10 @@ def _report_gaps(gathered: Gathered, timeout_s: float, wait_s: float) -> bool:
     failed = False
     for name in gathered.missing:
         typer.echo(
-            f"mrq-supervisor: node {name} did not answer within {timeout_s:g} s; check that its "
-            "supervisor runs and uses the same cluster key (a node stays known until it stops "
-            "cleanly or 24 h pass)",
+            f"mrq-supervisor: node {name} did not answer within {timeout_s:g} s, and the command "
+            "expired, so it will not run there later; check that its supervisor runs, is not "
+            "stopped or overloaded, and uses the same cluster key (a node stays known until it "
+            "stops cleanly or 24 h pass)",
             err=True,
         )
         failed = True
@@ -490,7 +496,9 @@ def _action(
         gathered = await _ask(session, name, args, node=node, timeout_s=timeout_s, wait_s=wait_s)
         failed = _report_gaps(gathered, timeout_s, wait_s)
         instances = [row for result in _results(gathered).values() for row in result.get("instances", [])]
-        failed |= _report_unknown_targets(targets, instances)
+        if not gathered.missing and not gathered.unfinished:
+            # A node that sent no result may run the target.
+            failed |= _report_unknown_targets(targets, instances)
         console = _stdout()
         for node_name, result in _results(gathered).items():
             for row in result.get("instances", []):
@@ -499,6 +507,9 @@ def _action(
                 console.print(f"{node_name}  {row['service']}:{row['instance']}  {state}{pid}")
                 if state not in wanted:
                     failed = True
+            for stopped in result.get("failed", []):
+                typer.echo(f"mrq-supervisor: node {node_name}: {stopped['error']}", err=True)
+                failed = True
         return 1 if failed else 0
 
     _run(config, False, body)
@@ -905,6 +916,17 @@ def _ping_table(pings: list[dict[str, Any]]) -> RenderableType:
 # --- reload, shutdown -----------------------------------------------------------------------
 
 
+# The keys of a reload summary, with the words that the CLI prints for them.
+_RELOAD_LABELS = {
+    "added": "added",
+    "removed": "removed",
+    "changed": "changed",
+    "scaled": "scaled",
+    "settings": "settings applied",
+    "ignored": "settings that need a supervisor restart",
+}
+
+
 @app.command()
 def reload(
     node: NodeOption = None,
@@ -919,9 +941,7 @@ def reload(
         failed = _report_gaps(gathered, timeout, wait)
         for node_name, result in _results(gathered).items():
             changes = ", ".join(
-                f"{key}: {value}"
-                for key in ("added", "removed", "changed", "scaled", "ignored")
-                if (value := result.get(key))
+                f"{label}: {value}" for key, label in _RELOAD_LABELS.items() if (value := result.get(key))
             )
             _stdout().print(f"{node_name}  reloaded  {changes or 'nothing changed'}", markup=False)
         return 1 if failed else 0

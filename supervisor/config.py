@@ -352,6 +352,22 @@ def _resolve_path(value: Any, base_dir: Path, fix: str) -> Path:
         return (base_dir / path.expanduser()).resolve()
     except RuntimeError as exc:  # an unknown ~user, or a symlink loop
         raise _InvalidValue("a path that can be resolved", f"{_quote(str(path))}: {exc}", fix) from exc
+    except OSError as exc:  # ENAMETOOLONG, for example, for a component that is too long
+        raise _InvalidValue(
+            "a path that can be resolved", f"{_quote(str(path))}: {exc.strerror}", fix
+        ) from exc
+
+
+def _check_existing(path: Path, kind: str, expected: str, fix: str) -> Path:
+    """Return `path` if it is an existing `kind` ("file" or "folder"), and raise _InvalidValue otherwise."""
+    try:
+        found = path.is_file() if kind == "file" else path.is_dir()
+    except OSError as exc:  # is_file() and is_dir() of Python 3.11 raise ENAMETOOLONG, for example
+        raise _InvalidValue(expected, f"{_quote(str(path))}: {exc.strerror}", fix) from exc
+    if not found:
+        problem = f"is not a {kind}" if path.exists() else "does not exist"
+        raise _InvalidValue(expected, f"{_quote(str(path))}, which {problem}", fix)
+    return path
 
 
 def _split_host_port(address: str) -> tuple[str, int] | None:
@@ -454,8 +470,12 @@ def _check_python(value: Any, base_dir: Path) -> str:
         raise _InvalidValue(expected, '"" (an empty string)', fix)
 
     if "/" in interpreter or os.sep in interpreter:
+        try:
+            expanded = Path(interpreter).expanduser()
+        except RuntimeError as exc:  # an unknown ~user
+            raise _InvalidValue(expected, f"{_quote(interpreter)}: {exc}", fix) from exc
         # No resolve(): a virtual environment's python is a symlink that must stay unresolved.
-        candidate = os.path.abspath(base_dir / Path(interpreter).expanduser())
+        candidate = os.path.abspath(base_dir / expanded)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
         raise _InvalidValue(expected, f"{_quote(candidate)}, which is not an executable file", fix)
@@ -666,9 +686,7 @@ class SupervisorSettings(BaseModel):
             return None
         fix = "Create the file, correct the path, or remove cluster_key_file."
         path = _resolve_path(value, _config_dir(info), fix)
-        if not path.is_file():
-            raise _InvalidValue("an existing file that contains the cluster key", _quote(str(path)), fix)
-        return path
+        return _check_existing(path, "file", "an existing file that contains the cluster key", fix)
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
@@ -749,9 +767,7 @@ class ServiceConfig(BaseModel):
     def _validate_cwd(cls, value: Any, info: ValidationInfo) -> Path:
         fix = "Create the folder, correct the path, or remove cwd to use the config file's folder."
         path = _resolve_path(value, _config_dir(info), fix)
-        if not path.is_dir():
-            raise _InvalidValue("an existing folder", f"{_quote(str(path))}, which does not exist", fix)
-        return path
+        return _check_existing(path, "folder", "an existing folder", fix)
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # Environment values often hold credentials, so the repr shows only their names.

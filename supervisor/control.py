@@ -4,7 +4,9 @@ Commands arrive on the control exchange with routing key `supervisor.<node>`
 or `supervisor.all`, in an exclusive, non-durable queue. A command for a node
 that is not running has no queue to go to, so the sender's mandatory publish
 fails at once, and no command waits in the broker to run late. Each command
-is verified (`sdk.signing.CommandVerifier`) before anything runs. The signed
+is verified (`sdk.signing.CommandVerifier`) before anything runs: besides the
+signature, its age and its nonce, it must be addressed to one of this node's two
+routing keys, not expired, and issued after this supervisor started. The signed
 reply goes to `reply_to` with the command's correlation id; its `result` is a
 JSON object that always carries `known_nodes`, the nodes this supervisor has
 seen on the broker, so a sender can tell which nodes did not answer.
@@ -377,7 +379,14 @@ class ControlServer:
         `start` calls it; tests call it alone to feed commands to `handle` without a broker.
         """
         self._node = node
-        self._verifier = signing.CommandVerifier(node.key, max_age_s=node.settings.command_max_age_s)
+        # The nonces seen by an earlier run of this node are gone, so a command issued before
+        # this start could be a replay.
+        self._verifier = signing.CommandVerifier(
+            node.key,
+            max_age_s=node.settings.command_max_age_s,
+            targets={names.supervisor_command_key(node.node), names.supervisor_command_key(None)},
+            not_before=node.started_at,
+        )
         self.peers = PeerBook(node.node, self.peer_silence_s)
 
     async def stop(self) -> None:

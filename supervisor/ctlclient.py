@@ -5,6 +5,11 @@ name is taken. A command goes to `supervisor.<node>` or `supervisor.all` on
 the control exchange, signed with the cluster key and published mandatory, so
 that a node that is not running is reported at once (`NoRoute`). Replies come
 back over RabbitMQ's direct reply-to, each verified with the same key.
+
+The signed command names its routing key (`target`), so that no other node
+accepts a captured copy. It expires when the sender stops waiting for the first
+reply (`expires_at`), so that a node that was frozen meanwhile does not run it
+later. A node checks the expiry before it starts a command, not while it runs.
 """
 
 from __future__ import annotations
@@ -203,10 +208,16 @@ class ControlClient:
         ttl_s: float,
         correlation_id: str | None = None,
     ) -> str:
-        """Publish a signed command and return its correlation id; raise NoRoute when no queue receives it."""
+        """Publish a signed command and return its correlation id; raise NoRoute when no queue receives it.
+
+        The command must not start after `ttl_s` seconds.
+        """
         if self._channel is None:
             raise RuntimeError("the control client is not started; call start() first")
-        command = signing.make_command(name, args, sender=self.sender)
+        key = names.supervisor_command_key(node)
+        # NOTE: the receiver compares expires_at with its own clock, so a clock that runs
+        # ahead of the sender's by more than ttl_s rejects every command as expired.
+        command = signing.make_command(name, args, sender=self.sender, target=key, ttl_s=ttl_s)
         body = command.to_json()
         correlation_id = correlation_id or self.broker.next_id()
         properties = self.broker.properties(
@@ -217,7 +228,6 @@ class ControlClient:
             persistent=False,
             expiration_ms=max(int(ttl_s * 1000), 1),
         )
-        key = names.supervisor_command_key(node)
         underlay = await asyncio.wait_for(self._channel.get_underlay_channel(), PUBLISH_TIMEOUT_S)
         try:
             await underlay.basic_publish(

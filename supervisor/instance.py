@@ -21,7 +21,15 @@ from sdk import names
 from sdk.wire import Goodbye, Heartbeat, Hello
 from supervisor.config import ServiceConfig
 from supervisor.policy import LIVE_STATES, RestartPolicy, RestartTracker, State
-from supervisor.process import AdoptedProcess, ChildProcess, ExitStatus, SpawnError, WatchedProcess
+from supervisor.process import (
+    KILL_TIMEOUT_S,
+    AdoptedProcess,
+    ChildProcess,
+    ExitStatus,
+    SpawnError,
+    StopError,
+    WatchedProcess,
+)
 
 if TYPE_CHECKING:
     from supervisor.node import NodeContext
@@ -50,6 +58,22 @@ class Outcome:
     cause: str
     reason: str
     ran_s: float
+
+
+def _single_error(exc: BaseException) -> BaseException:
+    """Return the only error inside (nested) exception groups, or `exc` when there are several."""
+    # An error in the body of an asyncio.TaskGroup reaches the caller wrapped in a group.
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _kill_quickly(process: WatchedProcess) -> None:
+    """Send SIGKILL to the process group and wait up to KILL_TIMEOUT_S for the exit."""
+    process.kill_group()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(KILL_TIMEOUT_S):
+            await process.wait()
 
 
 def policy_of(config: ServiceConfig) -> RestartPolicy:
@@ -209,21 +233,64 @@ class Instance:
     # The supervising loop.
 
     async def run(self) -> None:
+        """Supervise the slot until cancelled.
+
+        An error in any step makes this instance fatal instead of ending the node's task
+        group, which would leave every other instance unsupervised.
+        """
         while True:
-            if not self.desired_up or self.state == State.FATAL:
-                self._command = None
-                await self._wait()
-                continue
             try:
-                outcome = await self._run_process()
+                await self._run_once()
             except Exception as exc:
-                logger.opt(exception=exc).error(
-                    "instance supervision failed service={} instance={}", self.service, self.index
-                )
-                self.process = None
-                await self._fatal(f"supervision failed: {type(exc).__name__}: {exc}")
-                continue
-            await self._after_exit(outcome)
+                await self._supervision_failed(exc)
+
+    async def _run_once(self) -> None:
+        if not self.desired_up or self.state == State.FATAL:
+            self._command = None
+            await self._wait()
+            return
+        outcome = await self._run_process()
+        await self._after_exit(outcome)
+
+    async def _supervision_failed(self, exc: Exception) -> None:
+        error = _single_error(exc)
+        stop_failed = isinstance(error, StopError)
+        if stop_failed:
+            # The StopError message names what to check, so a traceback adds nothing.
+            logger.error(
+                "instance stop failed service={} instance={} pid={} error={}",
+                self.service,
+                self.index,
+                self.pid,
+                error,
+            )
+        else:
+            logger.opt(exception=exc).error(
+                "instance supervision failed service={} instance={} pid={}",
+                self.service,
+                self.index,
+                self.pid,
+            )
+        process = self.process
+        if process is not None and process.exit_status is None and not stop_failed:
+            await _kill_quickly(process)
+        # A process that survived SIGKILL stays recorded, so that shutdown reports it.
+        if process is not None and process.exit_status is not None:
+            self.process = None
+        reason = (
+            f"stop failed: {error}" if stop_failed else f"supervision failed: {type(error).__name__}: {error}"
+        )
+        self.backoff_until = None
+        self._set_state(State.FATAL, reason=reason)
+        try:
+            await self.ctx.event("instance.fatal", self, reason=reason)
+        except Exception as event_exc:
+            logger.warning(
+                "event not published kind=instance.fatal service={} instance={} error={}",
+                self.service,
+                self.index,
+                event_exc,
+            )
 
     async def _wait(self, timeout_s: float | None = None) -> None:
         # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for loses a cancellation

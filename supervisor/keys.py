@@ -30,9 +30,18 @@ def key_file(settings: SupervisorSettings) -> Path:
 
 def _read(path: Path) -> bytes:
     try:
-        text = path.read_text().strip()
+        text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise KeyError_(f"cannot read the cluster key file {path}: {exc.strerror}") from None
+        raise KeyError_(
+            f"cannot read the cluster key file {path}: {exc.strerror}; check its permissions, "
+            "or set cluster_key_file in [supervisor] to a readable file"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise KeyError_(
+            f"invalid cluster key file {path}: byte 0x{exc.object[exc.start]:02x} at offset {exc.start} "
+            "is not UTF-8 text; write the cluster's key into it as text, or, if it is the "
+            f"{KEY_FILE_NAME} of the state folder, delete it and the supervisor creates a new key"
+        ) from None
     if len(text) < MIN_KEY_LENGTH:
         raise KeyError_(
             f"the cluster key in {path} is shorter than {MIN_KEY_LENGTH} characters; "

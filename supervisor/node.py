@@ -46,7 +46,9 @@ from supervisor.sampler import Sampler
 
 SAMPLE_INTERVAL_S = 5.0
 MIN_SAMPLE_INTERVAL_S = 0.5
-ROTATE_INTERVAL_S = 10.0
+# Seconds between two checks of every log file's size. A check costs one thread hop and
+# one stat call per file.
+ROTATE_INTERVAL_S = 1.0
 PRESENCE_INTERVAL_S = 10.0
 SHUTDOWN_GRACE_S = 10.0
 ORPHAN_MARKER = "MRQ_SUPERVISOR_STATE_DIR"
@@ -106,6 +108,12 @@ class Node:
         self.reload_requested = asyncio.Event()
         self.routes: dict[str, list[RouteInfo]] = {}
         self.extensions: list[Any] = []
+        # Called with the new settings when a reload changes a logging key. `mrq-supervisor
+        # start` sets it, so that a Node used as a library never configures logging.
+        self.configure_logging: Callable[[SupervisorSettings], object] | None = None
+        # A SIGHUP and a reload command can arrive together; each compares the file with
+        # the configuration that the previous one left.
+        self._reload_lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._health_wake = asyncio.Event()
         self._dirty: set[Instance] = set()
@@ -234,8 +242,9 @@ class Node:
         from supervisor.startup import Startup
 
         startup = Startup(self)
+        code = 0
         async with AsyncExitStack() as stack:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            prepare_state_dir(self.state_dir)
             lock = _lock_state_dir(self.state_dir, self.node)
             stack.callback(os.close, lock)
             await self.registry.open()
@@ -249,12 +258,12 @@ class Node:
                     self.task_group = task_group
                     await self._start(task_group, startup)
                     await self._serve()
-                    await self._shutdown()
+                    code = await self._shutdown()
                     raise _Done
             except* _Done:
                 pass
-        logger.info("supervisor stopped node={}", self.node)
-        return 0
+        logger.info("supervisor stopped node={} exit_code={}", self.node, code)
+        return code
 
     async def _connect_broker(self, stack: AsyncExitStack) -> None:
         timeout_s = self.settings.start_timeout_s
@@ -381,7 +390,8 @@ class Node:
     def request_shutdown(self) -> None:
         self.stop_requested.set()
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self) -> int:
+        """Stop every instance and return the exit code: 1 when a process outlived SIGKILL, else 0."""
         instances = self.instances()
         live = sum(1 for i in instances if i.state in LIVE_STATES)
         logger.info("stopping all instances node={} live={}", self.node, live)
@@ -401,13 +411,29 @@ class Node:
             )
             if waiter not in done:
                 self._kill_all()
-                async with asyncio.timeout(SHUTDOWN_GRACE_S):
-                    await waiter
+                await asyncio.wait({waiter}, timeout=SHUTDOWN_GRACE_S)
         finally:
             waiter.cancel()
             hurry.cancel()
+        code = self._report_survivors()
         await self.publish_presence("down")
         await self._flush_dirty()
+        return code
+
+    def _report_survivors(self) -> int:
+        survivors = [i for i in self.instances() if _live(i)]
+        if not survivors:
+            return 0
+        logger.error(
+            "instances still running after SIGKILL node={} grace_s={:g} instances={} pids={}; "
+            "they are probably in uninterruptible sleep (state D in ps), so check what they wait for "
+            "and kill them before starting this node again",
+            self.node,
+            SHUTDOWN_GRACE_S,
+            ",".join(i.name for i in survivors),
+            ",".join(str(i.pid) for i in survivors if i.pid is not None) or "unknown",
+        )
+        return 1
 
     def _kill_all(self) -> None:
         for instance in self.instances():
@@ -417,25 +443,61 @@ class Node:
     # Reload.
 
     async def reload(self) -> dict[str, Any]:
-        """Apply a changed supervisor.toml; only services whose settings changed are touched."""
+        """Apply a changed supervisor.toml; only services whose settings changed are touched.
+
+        Returns the summary of `supervisor.reload.apply_reload` with `ok`, which is false
+        (with `error`) when the file could not be loaded or a rolling restart stopped, and
+        without the summary but with `partial` when applying the changes failed partway.
+        """
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> dict[str, Any]:
         from supervisor.reload import apply_reload
 
         try:
             new = await anyio.to_thread.run_sync(load_config, self.config.path)
         except ConfigError as exc:
-            logger.error("reload failed, configuration kept:\n{}", exc)
-            await self.events.publish("config.reload_failed", None, None, error=str(exc))
-            return {"ok": False, "error": str(exc)}
+            return await self._reload_failed(str(exc))
+        except Exception as exc:
+            logger.opt(exception=exc).debug("configuration not loaded path={}", self.config.path)
+            return await self._reload_failed(f"{self.config.path}: cannot load: {type(exc).__name__}: {exc}")
         assert self.task_group is not None
-        summary = await apply_reload(self, new, self.task_group)
-        self.config = new
+        try:
+            summary = await apply_reload(self, new, self.task_group)
+        except Exception as exc:
+            logger.opt(exception=exc).error("reload failed partway node={}", self.node)
+            error = f"applying the changes failed partway: {type(exc).__name__}: {exc}"
+            await self.events.publish("config.reload_failed", None, None, error=error)
+            return {"ok": False, "error": error, "partial": True}
+        # The [supervisor] table stays the one in effect, so that the next reload still
+        # reports the keys that need a restart.
+        self.config = new.model_copy(update={"supervisor": self.settings})
         for name, service_config in new.services.items():
             routes = self.routes.get(name, [])
             await self.registry.upsert_service(
                 dataclasses.replace(_service_record(name, service_config), routes=routes)
             )
         await self.events.publish("config.reloaded", None, None, **summary)
+        failed = summary["failed"]
+        if failed:
+            return {"ok": False, "error": "; ".join(failed.values()), **summary}
         return {"ok": True, **summary}
+
+    async def _reload_failed(self, error: str) -> dict[str, Any]:
+        logger.error("reload failed, configuration kept:\n{}", error)
+        await self.events.publish("config.reload_failed", None, None, error=error)
+        return {"ok": False, "error": error}
+
+    def apply_settings(self, settings: SupervisorSettings) -> None:
+        """Use new values of the [supervisor] keys that a reload applies at once."""
+        logging_changed = any(
+            getattr(settings, key) != getattr(self.settings, key)
+            for key in ("log_level", "log_max_bytes", "log_backups")
+        )
+        self.settings = settings
+        if logging_changed and self.configure_logging is not None:
+            self.configure_logging(settings)
 
     # Background loops.
 
@@ -555,6 +617,24 @@ class Node:
         await broker.publish_nowait(
             self.settings.control_exchange, names.supervisor_presence_key(self.node), body, properties
         )
+
+
+def prepare_state_dir(state_dir: Path) -> None:
+    """Create the state folder if missing; raise StartupError unless it is a folder this user can write.
+
+    Its messages name the folder, the problem and the setting to change.
+    """
+    fix = "give state_dir in [supervisor] (or MRQ_STATE_DIR) a folder that this user can create and write"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StartupError(
+            f"state folder {state_dir} not usable: it is a file, not a folder; {fix}"
+        ) from None
+    except OSError as exc:
+        raise StartupError(f"state folder {state_dir} cannot be created: {exc.strerror}; {fix}") from None
+    if not os.access(state_dir, os.W_OK | os.X_OK):
+        raise StartupError(f"state folder {state_dir} not writable by this user; {fix}")
 
 
 def _lock_state_dir(state_dir: Path, node: str) -> int:

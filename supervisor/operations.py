@@ -26,6 +26,7 @@ import anyio
 from sdk import __version__, names
 from sdk.errors import MrqError, NoRoute, RemoteError, RpcTimeout
 from supervisor import logfiles
+from supervisor.group import RollingRestart
 from supervisor.instance import Instance
 from supervisor.policy import State
 
@@ -215,17 +216,29 @@ async def restart(
 ) -> dict[str, Any]:
     """Restart the instances; those of one service one at a time, so the service keeps consumers.
 
-    Services restart in parallel. Each instance gets `start_timeout_s` to run again
-    before the next one of its service restarts anyway.
+    Services restart in parallel. A service's restart stops at the first instance that
+    goes fatal or exits, or that is not running within its stop_timeout_s plus
+    start_timeout_s. `failed` then describes it, and the instances after it keep running.
     """
     instances = _resolve(node, targets, all_, missing_ok)
     by_service: dict[str, list[int]] = {}
     for instance in instances:
         by_service.setdefault(instance.service, []).append(instance.index)
+    outcomes: list[RollingRestart] = []
+
+    async def restart_service(service: str, indexes: list[int]) -> None:
+        outcomes.append(await node.groups[service].restart_rolling(indexes))
+
     async with anyio.create_task_group() as task_group:
         for service, indexes in by_service.items():
-            task_group.start_soon(node.groups[service].restart_rolling, indexes)
-    return {"instances": _summary(instances), "pending": _pending(instances, _UP_SETTLED)}
+            task_group.start_soon(restart_service, service, indexes)
+    return {
+        "instances": _summary(instances),
+        "pending": _pending(instances, _UP_SETTLED),
+        "failed": [
+            outcome.to_dict() | {"error": outcome.describe()} for outcome in outcomes if not outcome.ok
+        ],
+    }
 
 
 async def scale(node: Node, service: str, replicas: int) -> dict[str, Any]:
@@ -244,9 +257,8 @@ async def scale(node: Node, service: str, replicas: int) -> dict[str, Any]:
         )
     if node.task_group is None:
         raise OperationError(f"node {node.node} is still starting; try again in a moment")
-    before = group.replicas
-    await group.scale(replicas, node.task_group)
-    return {"service": service, "replicas_before": before, "replicas": group.replicas}
+    before = await group.scale(replicas, node.task_group)
+    return {"service": service, "replicas_before": before, "replicas": replicas}
 
 
 async def logs(
@@ -399,8 +411,19 @@ def _sdk_services(instances: list[Instance]) -> list[str]:
 
 
 async def reload(node: Node) -> dict[str, Any]:
-    """Apply a changed supervisor.toml; raise OperationError when the file is invalid."""
+    """Apply a changed supervisor.toml.
+
+    Raises OperationError when the file is invalid, and when a rolling restart of a
+    changed service stopped at an instance that did not run again.
+    """
     result = await node.reload()
+    if result.get("failed"):
+        raise OperationError(f"reload on node {node.node} applied the file, but {result.get('error')}")
+    if result.get("partial"):
+        raise OperationError(
+            f"reload on node {node.node} stopped after applying part of the file: {result.get('error')}; "
+            "see the supervisor log, then reload again"
+        )
     if not result.get("ok"):
         raise OperationError(
             f"reload failed on node {node.node}, the configuration was kept: {result.get('error')}"

@@ -27,6 +27,10 @@ LIVE_STATES = frozenset({State.STARTING, State.RUNNING, State.UNHEALTHY, State.S
 
 RestartMode = Literal["always", "on-failure", "never"]
 
+# 2.0**1023 is the largest power of two that a float holds, and 2.0**1024 raises
+# OverflowError. The delay is capped at backoff_max_s in any case.
+_MAX_BACKOFF_EXPONENT = 1023
+
 
 @dataclass
 class RestartPolicy:
@@ -85,7 +89,8 @@ class RestartTracker:
         """Return the wait before the restart just recorded: 0 for the first, then exponential."""
         if self.consecutive <= 1:
             return 0.0
-        base = self.policy.backoff_initial_s * 2 ** (self.consecutive - 2)
+        exponent = min(self.consecutive - 2, _MAX_BACKOFF_EXPONENT)
+        base = self.policy.backoff_initial_s * 2.0**exponent
         jittered = base * (1 + self.rng.uniform(-self.policy.jitter, self.policy.jitter))
         return float(min(jittered, self.policy.backoff_max_s))
 

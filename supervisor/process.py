@@ -2,7 +2,8 @@
 
 A process is watched through a pidfd, so its exit is noticed as soon as the kernel reports
 it, without polling. Stopping escalates from a polite signal to SIGKILL for the whole
-process group and survives the caller's cancellation.
+process group and survives the caller's cancellation. Descendants that left the group
+(a helper started in a session of its own) are killed once the process is gone.
 """
 
 from __future__ import annotations
@@ -186,8 +187,9 @@ class WatchedProcess(ABC):
         """Stop the process group and return the leader's exit status.
 
         Send signal to the group, wait up to timeout_s, then send SIGKILL to the group. Once
-        the leader has exited, SIGKILL also reaches every process left in its group. If the
-        caller is cancelled, the group is still killed and the leader reaped before the
+        the leader has exited, SIGKILL also reaches every process left in its group, and
+        every descendant that it had before the first signal, in whatever group or session,
+        if that process still runs. If the caller is cancelled, the same happens before the
         cancellation propagates. Calling stop() again, or after the exit, is safe.
 
         Raises StopError if the leader has not exited kill_timeout_s after SIGKILL.
@@ -197,12 +199,25 @@ class WatchedProcess(ABC):
             self._kill_leftovers()
             return self._exit_status
 
+        descendants: list[tuple[int, float]] = []
         try:
+            descendants = await anyio.to_thread.run_sync(self._descendants)
             return await self._terminate(timeout_s, signal, kill_timeout_s)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await self._kill_after_cancel(kill_timeout_s)
             raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_kill_survivors, descendants)
+
+    def _descendants(self) -> list[tuple[int, float]]:
+        """Return (pid, start time) of the descendants, or none when the pid may name another process."""
+        if not self._may_signal():
+            return []
+        found = _descendants(self._pid)
+        # Checked again: the pid might have been reused while the list was built.
+        return found if self._may_signal() else []
 
     def send_signal(self, sig: int) -> None:
         """Send sig to the process alone. Does nothing once the process has exited."""
@@ -469,6 +484,48 @@ def _open_output_file(path: Path) -> int:
             f"cannot open output file {str(path)!r} for appending: {exc.strerror}; "
             f"check that its folder can be created and written to"
         ) from exc
+
+
+def _descendants(pid: int) -> list[tuple[int, float]]:
+    """Return (pid, start time) of every descendant of pid, found by parent pid."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        try:
+            found.append((child.pid, child.create_time()))
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def _kill_survivors(processes: list[tuple[int, float]]) -> None:
+    """SIGKILL each process of the list that still runs, with the group that it leads.
+
+    The start time proves that a pid still names the same process. While that process
+    lives and leads a group, the group id cannot name another group.
+    """
+    for pid, start_time in processes:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            # Checked after pidfd_open, so a match proves that the pidfd names that process.
+            if not same_process(pid, start_time):
+                continue
+            leads_group = os.getpgid(pid) == pid
+            if leads_group:
+                os.killpg(pid, SIGKILL)
+            else:
+                pidfd_send_signal(pidfd, SIGKILL)
+        except ProcessLookupError:
+            continue
+        finally:
+            os.close(pidfd)
+        logger.debug("process descendant killed pid={} group={}", pid, leads_group)
 
 
 def _group_exists(pgid: int) -> bool:

@@ -7,18 +7,31 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from supervisor.config import SupervisorConfig
+from supervisor.config import SupervisorConfig, SupervisorSettings
 from supervisor.group import ServiceGroup
 
 if TYPE_CHECKING:
     from supervisor.node import Node
 
-# [supervisor] keys that only a restart of the supervisor can apply.
-_RESTART_ONLY = ("node", "broker", "exchange", "state_dir", "dashboard", "cluster_key", "cluster_key_file")
+# [supervisor] keys that a reload applies at once. log_level also reaches the instances
+# started after the reload. Every other key needs a restart of the supervisor.
+LIVE_SETTINGS = ("log_max_bytes", "log_backups", "log_level")
+
+
+def changed_settings(old: SupervisorSettings, new: SupervisorSettings) -> list[str]:
+    """Return the names of the [supervisor] keys whose values differ, in declaration order."""
+    return [key for key in SupervisorSettings.model_fields if getattr(old, key) != getattr(new, key)]
 
 
 async def apply_reload(node: Node, new: SupervisorConfig, task_group: asyncio.TaskGroup) -> dict[str, Any]:
-    """Add, remove, restart or scale only the services whose settings changed."""
+    """Add, remove, restart or scale only the services whose settings changed.
+
+    Returns the summary: `added`, `removed`, `changed` and `scaled` services, the
+    [supervisor] keys applied at once (`settings`) and those that need a supervisor
+    restart (`ignored`), and `failed`, each service whose rolling restart stopped,
+    with the reason.
+    """
+    settings, ignored = _apply_settings(node, new.supervisor)
     old_services = node.config.services
     added = sorted(set(new.services) - set(old_services))
     removed = sorted(set(old_services) - set(new.services))
@@ -30,11 +43,6 @@ async def apply_reload(node: Node, new: SupervisorConfig, task_group: asyncio.Ta
             changed.append(name)
         elif old.replicas != fresh.replicas:
             scaled[name] = fresh.replicas
-    ignored = [
-        key for key in _RESTART_ONLY if getattr(node.config.supervisor, key) != getattr(new.supervisor, key)
-    ]
-    if ignored:
-        logger.warning("reload ignores settings that need a supervisor restart keys={}", ",".join(ignored))
 
     for name in removed:
         group = node.groups.pop(name)
@@ -44,18 +52,34 @@ async def apply_reload(node: Node, new: SupervisorConfig, task_group: asyncio.Ta
         group = ServiceGroup(node, name, new.services[name])
         node.groups[name] = group
         await group.scale(new.services[name].replicas, task_group)
-    for name, replicas in scaled.items():
-        group = node.groups[name]
-        group.update_config(new.services[name])
-        await group.scale(replicas, task_group)
+    for name in scaled:
+        await node.groups[name].reconfigure(new.services[name], task_group, restart=False)
+    failed: dict[str, str] = {}
     for name in changed:
-        group = node.groups[name]
-        group.update_config(new.services[name])
-        # Restart the running instances first, then add any new ones: they start with
-        # the new settings already and need no restart.
-        keep = min(group.replicas, new.services[name].replicas)
-        await group.restart_rolling(list(range(keep)))
-        await group.scale(new.services[name].replicas, task_group)
-    summary = {"added": added, "removed": removed, "changed": changed, "scaled": scaled, "ignored": ignored}
+        outcome = await node.groups[name].reconfigure(new.services[name], task_group, restart=True)
+        if outcome is not None and not outcome.ok:
+            failed[name] = outcome.describe()
+    summary = {
+        "added": added,
+        "removed": removed,
+        "changed": changed,
+        "scaled": scaled,
+        "settings": settings,
+        "ignored": ignored,
+        "failed": failed,
+    }
     logger.info("configuration reloaded {}", " ".join(f"{k}={v}" for k, v in summary.items() if v))
     return summary
+
+
+def _apply_settings(node: Node, new: SupervisorSettings) -> tuple[list[str], list[str]]:
+    """Apply the changed keys of LIVE_SETTINGS; return them, and the other changed keys."""
+    changed = changed_settings(node.settings, new)
+    live = [key for key in changed if key in LIVE_SETTINGS]
+    ignored = [key for key in changed if key not in LIVE_SETTINGS]
+    if ignored:
+        logger.warning("reload ignores settings that need a supervisor restart keys={}", ",".join(ignored))
+    if live:
+        node.apply_settings(node.settings.model_copy(update={key: getattr(new, key) for key in live}))
+        logger.info("settings applied keys={}", ",".join(live))
+    return live, ignored

@@ -177,6 +177,18 @@ class Ticker(Service):
         return body
 """
 
+# Writes argv[1] lines of 1000 bytes to stdout every 0.1 s, forever.
+SPEW_SCRIPT = """
+import sys
+import time
+
+chunk = ("x" * 999 + "\\n") * int(sys.argv[1])
+while True:
+    sys.stdout.write(chunk)
+    sys.stdout.flush()
+    time.sleep(0.1)
+"""
+
 # Becomes a child subreaper, runs argv[2:] as its child, and writes the child's pid, then its
 # exit code, into the folder argv[1]. Orphans of the supervisor are reparented to this process, which reaps
 # them: PID 1 of the test machines does not, so they would stay zombies.

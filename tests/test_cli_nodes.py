@@ -73,6 +73,31 @@ def test_hung_node_reported_as_not_answering(make_node: object, unique: str) -> 
     assert elapsed_s < 30
 
 
+def test_frozen_node_skips_expired_commands(make_node: object, unique: str) -> None:
+    alpha = make_node("alpha")  # type: ignore[operator]
+    alpha.start_and_wait()
+    service, node = f"sleepalpha{unique}", f"alpha{unique}"
+    pid = next(row["pid"] for row in status_rows(alpha.config) if row["service"] == service)
+
+    os.kill(alpha.pid, signal.SIGSTOP)
+    try:
+        stopped = run_cli(alpha.config, "stop", f"{service}:0", "--node", node, "--timeout", "2")
+        shutdown = run_cli(alpha.config, "shutdown", "--node", node, "--timeout", "2")
+    finally:
+        os.kill(alpha.pid, signal.SIGCONT)
+
+    for result in (stopped, shutdown):
+        assert result.returncode == 1
+        assert f"node {node} did not answer within 2 s, and the command expired" in result.stderr
+        assert "not found" not in result.stderr
+    alpha.wait_for_log("command rejected reason=expired", timeout_s=30)
+    # The rejection is logged before the next command is verified: give that one time too.
+    time.sleep(2)
+    assert alpha.popen.poll() is None, "the expired shutdown ran after SIGCONT"  # type: ignore[union-attr]
+    rows = [row for row in status_rows(alpha.config) if row["service"] == service]
+    assert [(row["state"], row["pid"]) for row in rows] == [("running", pid)]
+
+
 def test_stopped_node_dropped_from_known(make_node: object, unique: str) -> None:
     alpha, beta = make_node("alpha"), make_node("beta")  # type: ignore[operator]
     alpha.start_and_wait()

@@ -1,4 +1,4 @@
-"""Signed commands: forged, stale, replayed, malformed and oversized ones change nothing.
+"""Signed commands: forged, stale, replayed, misdirected, expired, malformed, oversized ones change nothing.
 
 The end-to-end tests publish raw messages with plain aio-pika to a real
 supervisor and check the instance's pid afterwards. The property tests feed
@@ -24,6 +24,7 @@ from test_control_kit import (
     instance_row,
     program_service,
     publish_raw,
+    run_cli,
     supervisors,
     write_config,
 )
@@ -49,13 +50,22 @@ class Target:
         self.url = url
         self.service = service
 
+    @property
+    def routing_key(self) -> str:
+        return f"supervisor.{self.node}"
+
+    def command(self, name: str, args: dict[str, Any], **fields: Any) -> Command:
+        """Return a command addressed to this node, with `fields` changed."""
+        command = signing.make_command(name, args, sender="test", target=self.routing_key)
+        return command.model_copy(update=fields)
+
     def send(self, body: bytes, headers: dict[str, Any] | None, wait_s: float = 1.5) -> list[bytes]:
         """Publish a raw command to the node and return the replies that came within `wait_s`."""
         return anyio.run(
             publish_raw,
             self.url,
             f"{self.exchange}.control",
-            f"supervisor.{self.node}",
+            self.routing_key,
             body,
             headers,
             wait_s,
@@ -65,6 +75,12 @@ class Target:
         row = instance_row(self.process.config, self.service, 0)
         assert row["state"] == "running", row
         return int(row["pid"])
+
+    def started_at(self) -> float:
+        """Return the supervisor's start time, as `status` reports it."""
+        result = run_cli(self.process.config, "status", "--json")
+        assert result.returncode == 0, result.stderr
+        return float(json.loads(result.stdout)["nodes"][self.node]["started_at"])
 
 
 @pytest.fixture
@@ -88,27 +104,31 @@ def target(broker_url: str, unique: str, tmp_path: Path) -> Iterator[Target]:
             next(cleanup)
 
 
-def _stop_command(service: str, **fields: Any) -> Command:
-    command = signing.make_command("stop", {"targets": [service]}, sender="test")
-    return command.model_copy(update=fields)
-
-
 def _signed(body: bytes, key: bytes = KEY) -> dict[str, Any]:
     return signing.sign_headers(key, body)
 
 
 def test_forged_commands_change_nothing(target: Target) -> None:
     pid = target.pid()
-    fresh = _stop_command(target.service).to_json
-    stale = _stop_command(target.service, issued_at=time.time() - 3600).to_json()
-    future = _stop_command(target.service, issued_at=time.time() + 3600).to_json()
+    stop_args = {"targets": [target.service]}
+    fresh = target.command("stop", stop_args).to_json
+    stale = target.command("stop", stop_args, issued_at=time.time() - 3600).to_json()
+    future = target.command("stop", stop_args, issued_at=time.time() + 3600).to_json()
+    # Within the age window, but issued before this supervisor started.
+    before_start = target.command("stop", stop_args, issued_at=target.started_at() - 1).to_json()
+    expired = target.command("stop", stop_args, expires_at=time.time() - 1).to_json()
+    unaddressed = target.command("stop", stop_args, target=None).to_json()
     oversized = json.dumps({"v": 1, "pad": "x" * 70_000}).encode()
     cases = [
         ("unsigned", fresh(), None),
         ("bad signature", (body := fresh()), _signed(body, OTHER_KEY)),
         ("bad signature", fresh(), _signed(b"another body")),
+        # The log shows the first rejection of each kind at once, and both of these are "stale".
+        ("stale", before_start, _signed(before_start)),
         ("stale", stale, _signed(stale)),
         ("from the future", future, _signed(future)),
+        ("expired", expired, _signed(expired)),
+        ("misdirected", unaddressed, _signed(unaddressed)),
         ("malformed", b"{not json", _signed(b"{not json")),
         ("malformed", b'{"v": 1, "type": "command"}', _signed(b'{"v": 1, "type": "command"}')),
         ("oversized", oversized, _signed(oversized)),
@@ -123,14 +143,14 @@ def test_forged_commands_change_nothing(target: Target) -> None:
     log = target.process.log()
     for reason, _body, _headers in cases:
         assert f"command rejected reason={reason}" in log, f"no rejection logged for: {reason}"
+    assert "reason=stale: issued before this receiver started" in log
     assert CLUSTER_KEY not in log
     assert CLUSTER_KEY not in (target.process.state_dir / "supervisor.log").read_text()
 
 
 def test_replayed_command_runs_once(target: Target) -> None:
     pid = target.pid()
-    command = signing.make_command("restart", {"targets": [f"{target.service}:0"]}, sender="test")
-    body = command.to_json()
+    body = target.command("restart", {"targets": [f"{target.service}:0"]}).to_json()
 
     replies = [signing.verify_reply(KEY, raw, _signed(raw)) for raw in target.send(body, _signed(body), 5)]
     final = [r for r in replies if not r.result.get("pending")]
@@ -144,8 +164,37 @@ def test_replayed_command_runs_once(target: Target) -> None:
     assert "command rejected reason=replayed" in target.process.log()
 
 
+def test_command_for_other_node_rejected(target: Target) -> None:
+    pid = target.pid()
+    # Signed for node "elsewhere", captured and published to this node's routing key.
+    command = target.command("stop", {"targets": [target.service]}, target="supervisor.elsewhere")
+    body = command.to_json()
+
+    assert target.send(body, _signed(body)) == []
+
+    assert target.pid() == pid
+    assert "command rejected reason=misdirected: addressed to 'supervisor.elsewhere'" in target.process.log()
+
+
+def test_command_replayed_after_restart_rejected(target: Target) -> None:
+    body = target.command("stop", {"targets": [target.service]}).to_json()
+    replies = [signing.verify_reply(KEY, raw, _signed(raw)) for raw in target.send(body, _signed(body), 5)]
+    assert [r.ok for r in replies if not r.result.get("pending")] == [True]
+    assert instance_row(target.process.config, target.service, 0)["state"] == "stopped"
+
+    assert target.process.stop() == []
+    offset = len(target.process.log())
+    target.process.start_and_wait()
+    pid = target.pid()
+
+    assert target.send(body, _signed(body)) == []
+    assert target.pid() == pid
+    log = target.process.log()[offset:]
+    assert "command rejected reason=stale: issued before this receiver started" in log
+
+
 def test_signed_command_gets_signed_reply(target: Target) -> None:
-    command = signing.make_command("status", {}, sender="test")
+    command = target.command("status", {})
     body = command.to_json()
 
     (raw,) = target.send(body, _signed(body))
@@ -160,12 +209,13 @@ def test_signed_command_gets_signed_reply(target: Target) -> None:
 
 
 def test_unknown_command_and_bad_arguments_fail_cleanly(target: Target) -> None:
-    for name, args, expected in [
+    cases: list[tuple[str, dict[str, Any], str]] = [
         ("dance", {}, "unknown command 'dance'"),
         ("scale", {"service": target.service}, "invalid arguments for command 'scale': replicas"),
         ("stop", {"targets": ["no such"]}, "invalid target 'no such'"),
-    ]:
-        body = signing.make_command(name, args, sender="test").to_json()
+    ]
+    for name, args, expected in cases:
+        body = target.command(name, args).to_json()
         (raw,) = target.send(body, _signed(body))
         reply = decode(raw)
         assert isinstance(reply, Reply)
@@ -222,7 +272,8 @@ def signed_commands(draw: st.DrawFn) -> tuple[bytes, dict[str, Any]]:
             max_size=4,
         )
     )
-    body = signing.make_command(name, args, sender="hypothesis").to_json()
+    # supervisor.all reaches every node, so the attached server accepts it.
+    body = signing.make_command(name, args, sender="hypothesis", target="supervisor.all").to_json()
     return body, _signed(body)
 
 

@@ -190,6 +190,15 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+async def wait_for_session(pid: int, timeout_s: float = 10.0) -> None:
+    """Wait until pid leads a session of its own (setsid runs after the fork)."""
+    with anyio.fail_after(timeout_s):
+        while True:
+            if os.getsid(pid) == pid:
+                return
+            await anyio.sleep(0.01)
+
+
 async def wait_until_dead(pid: int, timeout_s: float = 10.0) -> None:
     """Wait until pid is a zombie or gone."""
     with anyio.fail_after(timeout_s):
@@ -465,6 +474,26 @@ async def test_stop_kills_grandchildren(
     await wait_until_dead(grandchild)
     reap_zombie(grandchild)
     assert group_members(child.pgid) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_stop_kills_descendant_in_own_session(
+    spawn: Spawn, tmp_path: Path, subreaper: list[int]
+) -> None:
+    # setsid gives the helper a session and a group of its own, out of reach of the group's signals.
+    child = await spawn(["sh", "-c", "setsid sleep 300 & echo $!; exec sleep 300"])
+    (helper_line,) = await read_lines(tmp_path / "out.log", 1)
+    helper = int(helper_line)
+    subreaper.append(helper)
+    await wait_for_session(helper)
+    assert os.getpgid(helper) != child.pgid
+
+    status = await stop_within(child, timeout_s=5)
+
+    assert status == ExitStatus(code=None, signal=SIGTERM)
+    await wait_until_dead(helper)
+    reap_zombie(helper)
 
 
 @pytest.mark.anyio

@@ -35,7 +35,25 @@ def test_signature_example_verifies() -> None:
     assert signing.signature(key, body) == fields["x-mrq-signature"]
     command = decode(body)
     assert isinstance(command, Command)
-    verifier = signing.CommandVerifier(key, max_age_s=30)
+    assert command.target is not None
+    verifier = signing.CommandVerifier(key, max_age_s=30, targets={command.target})
     assert verifier.verify(body, headers, now=command.issued_at + 1).name == "status"
     with pytest.raises(SignatureError, match="bad signature"):
         verifier.verify(body + b" ", headers, now=command.issued_at + 1)
+
+
+def test_signature_example_rejected_elsewhere_and_late() -> None:
+    (block,) = _blocks("signature-example")
+    fields = dict(line.split(": ", 1) for line in block.strip().splitlines())
+    key, body = fields["key"].encode(), fields["body"].encode()
+    headers = {"x-mrq-signature": fields["x-mrq-signature"]}
+    command = decode(body)
+    assert isinstance(command, Command)
+    assert command.expires_at is not None
+
+    elsewhere = signing.CommandVerifier(key, max_age_s=30, targets={"supervisor.web-2"})
+    with pytest.raises(SignatureError, match="misdirected"):
+        elsewhere.verify(body, headers, now=command.issued_at + 1)
+    late = signing.CommandVerifier(key, max_age_s=30, targets={command.target or ""})
+    with pytest.raises(SignatureError, match="expired"):
+        late.verify(body, headers, now=command.expires_at + 1)

@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 import psutil
 import pytest
-from supkit import NORMAL_MODULE, TICKER_MODULE, SupKit, is_running, supervisor_kit
+from supkit import NORMAL_MODULE, TICKER_MODULE, SupKit, is_running, poll_until, supervisor_kit
 
 from supervisor.registry import InstanceRecord, Registry, ServiceRecord, registry_path
 
@@ -152,3 +152,41 @@ async def test_instance_log_survives_supervisor_kill(kit: SupKit) -> None:
 
     assert is_running(pid)
     assert last_tick(log_path.read_text()) >= ticks_at_kill + 5
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(90)
+async def test_session_helper_follows_adopted_instance(kit: SupKit) -> None:
+    host = kit.service("host")
+    # The helper gets a session of its own, so it is no member of the instance's group.
+    kit.write_config({host: {"command": ["bash", "-c", "setsid sleep 99998 & exec sleep 99999"]}})
+    async with kit.watcher() as watcher:
+        first = await kit.start(reaper=True)
+        await first.wait_for_log("supervisor ready")
+        pid = watcher.events_of("instance.started", host, 0)[0].data["pid"]
+        helpers: list[psutil.Process] = []
+
+        def helper_started() -> bool:
+            helpers[:] = [p for p in psutil.Process(pid).children() if p.cmdline() == ["sleep", "99998"]]
+            return bool(helpers) and os.getsid(helpers[0].pid) == helpers[0].pid
+
+        assert await poll_until(helper_started, 10), "no helper in a session of its own"
+        helper = helpers[0].pid
+        first.send_signal(signal.SIGKILL)
+        assert await first.wait_exit() == -signal.SIGKILL
+
+        second = await kit.start()
+        await second.wait_for_log("supervisor ready")
+        # A helper taken for an orphan would get SIGTERM now; give that time to show.
+        await anyio.sleep(1.0)
+
+        assert "stopping leftover process" not in second.stderr()
+        assert is_running(helper)
+        assert is_running(pid)
+        kept = await second.wait_for_log("helper of an adopted instance kept")
+        assert f"pid={helper} instance_pid={pid}" in kept
+        second.send_signal(signal.SIGTERM)
+        assert await second.wait_exit(timeout_s=30) == 0
+
+    assert await poll_until(lambda: not is_running(helper), 10), "the helper outlived its instance"
+    assert await kit.marked_processes() == []

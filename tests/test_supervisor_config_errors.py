@@ -1,7 +1,8 @@
 """`mrq-supervisor start` with a wrong supervisor.toml exits at once with a message that helps.
 
 Each message names the file, the key path and the expected form. Nothing starts: the
-state folder is not even created.
+state folder is not even created. A state folder, registry or key file that cannot be
+used ends the start with one line that names what failed and what to do, not a traceback.
 """
 
 from __future__ import annotations
@@ -63,6 +64,21 @@ CASES = {
         '[services.a]\nmodule = "m"\ncwd = "no/such/folder"\n',
         ["services.a.cwd", "expected an existing folder", "does not exist"],
     ),
+    "python with unknown user": (
+        "",
+        '[services.a]\nmodule = "m"\npython = "~nosuchuser/bin/python"\n',
+        ["services.a.python", '"~nosuchuser/bin/python": Could not determine home directory'],
+    ),
+    "cwd name too long": (
+        "",
+        f'[services.a]\nmodule = "m"\ncwd = "{"c" * 300}"\n',
+        ["services.a.cwd", "expected an existing folder", "File name too long"],
+    ),
+    "cluster_key_file name too long": (
+        f'cluster_key_file = "{"k" * 300}"\n',
+        '[services.a]\nmodule = "m"\n',
+        ["supervisor.cluster_key_file", "File name too long"],
+    ),
     "toml syntax error": (
         "",
         '[services.a]\nmodule "m"\n',
@@ -114,3 +130,68 @@ def test_missing_config_file_exits_at_once(tmp_path: Path) -> None:
     assert "config file not found" in result.stderr
     assert "-c PATH" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def start_failure(tmp_path: Path, state_dir: str) -> subprocess.CompletedProcess[str]:
+    """Start a supervisor on `state_dir` and return the finished run; fail if it does not exit."""
+    config = tmp_path / "supervisor.toml"
+    config.write_text(
+        f'[supervisor]\nstate_dir = "{state_dir}"\nbroker = "amqp://guest:guest@127.0.0.1:5672/"\n'
+        'dashboard = "off"\n\n[services.sleeper]\ncommand = ["sleep", "100000"]\n'
+    )
+    result, took_s = start(config)
+    assert took_s < EXIT_LIMIT_S
+    return result
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("mrq-supervisor: "), result.stderr
+    for fragment in fragments:
+        assert fragment in last, f"{fragment!r} missing from:\n{last}"
+
+
+@pytest.mark.timeout(60)
+def test_state_dir_file_fails_cleanly(tmp_path: Path) -> None:
+    (tmp_path / "state").write_text("not a folder\n")
+
+    result = start_failure(tmp_path, "state")
+
+    assert_one_line_error(result, f"state folder {tmp_path / 'state'} not usable: it is a file", "state_dir")
+    assert result.stderr.count("\n") == 1, "expected only the one line"
+
+
+@pytest.mark.timeout(60)
+def test_state_dir_below_file_fails_cleanly(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder\n")
+
+    result = start_failure(tmp_path, "file/state")
+
+    assert_one_line_error(result, "cannot be created: Not a directory", "state_dir")
+
+
+@pytest.mark.timeout(60)
+def test_corrupt_registry_fails_cleanly(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "registry.sqlite3").write_text("not a database\n")
+
+    result = start_failure(tmp_path, "state")
+
+    assert_one_line_error(result, "registry.sqlite3 is corrupt", "Delete it")
+    assert list((tmp_path / "state").glob("*.key")) == [], "the start went on after the registry"
+
+
+@pytest.mark.timeout(60)
+def test_non_utf8_key_fails_cleanly(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    key_file = tmp_path / "state" / "cluster.key"
+    key_file.write_bytes(b"\xff\xfe0123456789abcdef0123")
+    key_file.chmod(0o600)
+
+    result = start_failure(tmp_path, "state")
+
+    assert_one_line_error(
+        result, f"invalid cluster key file {key_file}", "byte 0xff at offset 0", "not UTF-8"
+    )

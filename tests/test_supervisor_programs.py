@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
-from supkit import SupKit, is_running, supervisor_kit
+from supkit import PYTHON, SPEW_SCRIPT, SupKit, is_running, supervisor_kit
 
 
 @pytest.fixture
@@ -70,3 +72,29 @@ async def test_program_exit_zero_not_restarted_on_failure(kit: SupKit) -> None:
     assert record.last_exit_code == 0
     assert "finished" in (kit.state_dir / "logs" / f"{oneshot}.0.log").read_text()
     assert run.exit_code() is None
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_fast_log_rotated_within_seconds(kit: SupKit) -> None:
+    spew = kit.service("spew")
+    # About 1 MB a second.
+    kit.write_config(
+        {spew: {"command": [PYTHON, "-c", SPEW_SCRIPT, "100"]}}, log_max_bytes=200_000, log_backups=0
+    )
+    log_path = kit.state_dir / "logs" / f"{spew}.0.log"
+    run = await kit.start()
+    await run.wait_for_log("supervisor ready")
+
+    sizes = []
+    began = time.monotonic()
+    while time.monotonic() - began < 6:
+        sizes.append(log_path.stat().st_size if log_path.exists() else 0)
+        await anyio.sleep(0.05)
+
+    # A check every 10 s would let the file grow to about 6 MB here. A check every second
+    # keeps it near 1.2 MB, or somewhat more while the machine is loaded.
+    assert max(sizes) < 3_000_000, f"the log grew to {max(sizes)} bytes"
+    drops = sum(1 for earlier, later in itertools.pairwise(sizes) if later < earlier)
+    assert drops >= 3, f"the log was rotated {drops} times in 6 s"
+    assert "log rotated" in run.stderr()

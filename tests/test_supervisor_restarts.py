@@ -1,27 +1,39 @@
 """The supervisor replaces a killed instance, backs off a crash loop, and gives up on fatal errors.
 
-Each test runs the real `mrq-supervisor start` with services written into its tmp folder
-and watches the events it publishes on the control exchange.
+Most tests run the real `mrq-supervisor start` with services written into their tmp folder
+and watch the events it publishes on the control exchange. The restart policy is tested
+directly, and the instance task with a node context that fails on purpose.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
+from loguru import logger
 from supkit import (
     BROKEN_MODULE,
     CRASH_MODULE,
     NORMAL_MODULE,
     SupKit,
     is_running,
+    render_config,
     supervisor_kit,
 )
+
+from sdk.wire import Hello
+from supervisor.config import SupervisorSettings, load_config
+from supervisor.instance import Instance
+from supervisor.policy import RestartPolicy, RestartTracker, State
+from supervisor.process import SpawnSpec
 
 
 @pytest.fixture
@@ -139,3 +151,93 @@ async def test_import_error_fatal_without_retry(kit: SupKit) -> None:
     log = (kit.state_dir / "logs" / f"{broken}.0.log").read_text()
     assert "module_that_does_not_exist" in log
     assert run.exit_code() is None, "one fatal service must not stop the supervisor"
+
+
+def test_backoff_capped_after_many_restarts() -> None:
+    tracker = RestartTracker(RestartPolicy(backoff_initial_s=0.5, backoff_max_s=30.0, jitter=0.2))
+
+    delays = []
+    for consecutive in (2, 3, 1026, 1027, 100_000):
+        tracker.consecutive = consecutive
+        delays.append(tracker.next_delay_s())
+
+    assert 0.4 <= delays[0] <= 0.6
+    assert 0.8 <= delays[1] <= 1.2
+    assert delays[2:] == [30.0, 30.0, 30.0]
+
+
+class FailingContext:
+    """A node context that runs real processes and raises when asked to publish one event kind."""
+
+    def __init__(self, folder: Path, settings: SupervisorSettings, failing_kind: str) -> None:
+        self.node = "n1"
+        self.settings = settings
+        self.broker_connected = True
+        self.connected_since_mono = time.monotonic()
+        self.reconnected = False
+        self.folder = folder
+        self.failing_kind = failing_kind
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self._changed = asyncio.Event()
+
+    def spawn_spec(self, instance: Instance) -> SpawnSpec:
+        return SpawnSpec(
+            argv=list(instance.config.command or []),
+            env={"PATH": os.environ["PATH"]},
+            cwd=self.folder,
+            stdout_path=self.folder / "instance.log",
+            stderr_path=self.folder / "instance.log",
+        )
+
+    async def configuration_error(self, instance: Instance) -> str | None:
+        return None
+
+    async def event(self, kind: str, instance: Instance, **data: Any) -> None:
+        self.events.append((kind, data))
+        if kind == self.failing_kind:
+            raise RuntimeError(f"cannot publish {kind}")
+
+    def instance_changed(self, instance: Instance) -> None:
+        self._changed.set()
+
+    def instance_removed(self, instance: Instance) -> None:
+        pass
+
+    def routes_announced(self, service: str, hello: Hello) -> None:
+        pass
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            self._changed.clear()
+            await self._changed.wait()
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_supervision_error_makes_instance_fatal(tmp_path: Path) -> None:
+    config_path = tmp_path / "supervisor.toml"
+    config_path.write_text(render_config({"dashboard": "off"}, {"crasher": {"command": ["false"]}}))
+    config = load_config(config_path)
+    context = FailingContext(tmp_path, config.supervisor, "instance.restarting")
+    instance = Instance(context, "crasher", 0, config.services["crasher"])
+    errors: list[str] = []
+    sink = logger.add(lambda message: errors.append(str(message)), level="ERROR")
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            task = tasks.create_task(instance.run())
+            instance.request_start()
+            async with asyncio.timeout(20):
+                await context.wait_for(lambda: instance.state == State.FATAL)
+            await asyncio.sleep(0.2)
+            still_supervised = not task.done()
+            task.cancel()
+    finally:
+        logger.remove(sink)
+
+    assert still_supervised, "the error ended the instance task"
+    assert instance.last_exit_reason == "supervision failed: RuntimeError: cannot publish instance.restarting"
+    assert instance.process is None
+    assert [kind for kind, _data in context.events][-1] == "instance.fatal"
+    failures = [line for line in errors if "instance supervision failed service=crasher" in line]
+    assert len(failures) == 1, errors
+    assert "Traceback" in failures[0]

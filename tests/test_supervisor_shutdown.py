@@ -1,19 +1,22 @@
 """SIGTERM stops every instance at once, lets their handlers finish, and leaves no process behind.
 
-A second SIGTERM ends the wait: the supervisor kills what is left at once.
+A second SIGTERM ends the wait: the supervisor kills what is left at once. An instance that
+even SIGKILL does not end makes the supervisor exit with code 1 and name its pid.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import anyio
 import pytest
-from supkit import WORK_MODULE, SupKit, is_running, process_status, supervisor_kit
+from supkit import WORK_MODULE, SupKit, is_running, poll_until, process_status, supervisor_kit
 
 from sdk import Client
 
@@ -130,3 +133,61 @@ async def test_sigterm_during_startup_stops_at_once(kit: SupKit) -> None:
     assert took_s < 10, f"the supervisor finished its start-up wait first: {took_s:.1f} s"
     assert process_status(pid) is None
     assert await kit.marked_processes() == []
+
+
+FREEZER_ROOT = Path("/sys/fs/cgroup/freezer")
+
+
+@contextmanager
+def frozen(pid: int, name: str) -> Iterator[None]:
+    """Freeze `pid` in a cgroup v1 freezer of its own: a frozen process does not act on SIGKILL.
+
+    On leaving, the process is thawed, so a SIGKILL sent meanwhile ends it then.
+    """
+    group = FREEZER_ROOT / name
+    group.mkdir()
+    try:
+        (group / "cgroup.procs").write_text(str(pid))
+        (group / "freezer.state").write_text("FROZEN")
+        deadline = time.monotonic() + 10
+        while (group / "freezer.state").read_text().strip() != "FROZEN":
+            assert time.monotonic() < deadline, "the freezer did not freeze the process"
+            time.sleep(0.05)
+        yield
+    finally:
+        (group / "freezer.state").write_text("THAWED")
+        for leftover in (group / "cgroup.procs").read_text().split():
+            (FREEZER_ROOT / "cgroup.procs").write_text(leftover)
+        group.rmdir()
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(
+    not os.access(FREEZER_ROOT, os.W_OK),
+    reason="needs a writable cgroup v1 freezer at /sys/fs/cgroup/freezer",
+)
+async def test_instance_surviving_sigkill_fails_shutdown(kit: SupKit) -> None:
+    sleeper = kit.service("sleeper")
+    kit.write_config({sleeper: {"command": ["sleep", "300"], "stop_timeout_s": 1}})
+    async with kit.watcher() as watcher:
+        run = await kit.start(reaper=True)
+        await run.wait_for_log("supervisor ready")
+        pid = watcher.events_of("instance.started", sleeper, 0)[0].data["pid"]
+
+    with frozen(pid, f"mrq-test-{kit.unique}"):
+        run.send_signal(signal.SIGTERM)
+        # stop_timeout_s, 5 s after SIGKILL, then the node's 10 s grace after its own SIGKILL.
+        code = await run.wait_exit(timeout_s=60)
+        still_there = is_running(pid)
+
+    assert code == 1
+    assert still_there
+    stderr = run.stderr()
+    assert "Traceback" not in stderr
+    survivors = [line for line in stderr.splitlines() if "instances still running after SIGKILL" in line]
+    assert len(survivors) == 1, stderr[-4000:]
+    assert f"instances={sleeper}:0 pids={pid};" in survivors[0]
+    assert f"instance stop failed service={sleeper} instance=0 pid={pid}" in stderr
+    # Thawed, it acts on the pending SIGKILL.
+    assert await poll_until(lambda: not is_running(pid), 10)

@@ -31,6 +31,16 @@ from sdk.wire import Goodbye, Heartbeat, Hello
 
 pytestmark = pytest.mark.anyio
 
+# A reserved route name, which the SDK rejects while the module is imported.
+MISDEFINED_MODULE = """
+from sdk import microservice
+
+
+@microservice("_hidden")
+async def handle(body):
+    return body
+"""
+
 RAISING_ON_START_MODULE = """
 import os
 
@@ -290,8 +300,17 @@ async def test_sigkill_mid_handler_loses_no_message(kit: WorkerKit) -> None:
     ("overrides", "expected"),
     [
         pytest.param({"MRQ_TARGET": "nosuchmodule"}, ["'nosuchmodule'", "ModuleNotFoundError"], id="missing"),
-        pytest.param({"MRQ_TARGET": "exploding"}, ["'exploding'", "RuntimeError: exploded"], id="raises"),
+        pytest.param(
+            {"MRQ_TARGET": "importsmissing"},
+            ["'importsmissing'", "ModuleNotFoundError"],
+            id="imports-missing",
+        ),
         pytest.param({"MRQ_TARGET": "broken"}, ["'broken'", "SyntaxError"], id="syntax-error"),
+        pytest.param(
+            {"MRQ_TARGET": "misdefined"},
+            ["'misdefined'", "DefinitionError", "'_hidden'", "is reserved"],
+            id="definition",
+        ),
         pytest.param({"MRQ_TARGET": "empty"}, ["'empty'", "defines no service"], id="no-service"),
         pytest.param(
             {"MRQ_TARGET": "workersvc:nosuch"},
@@ -306,8 +325,9 @@ async def test_sigkill_mid_handler_loses_no_message(kit: WorkerKit) -> None:
 )
 @pytest.mark.timeout(60)
 def test_configuration_error_exits_78(kit: WorkerKit, overrides: dict[str, str], expected: list[str]) -> None:
-    kit.write_module("exploding", "raise RuntimeError('exploded at import')\n")
+    kit.write_module("importsmissing", "import module_that_does_not_exist  # noqa: F401\n")
     kit.write_module("broken", "def broken(:\n    pass\n")
+    kit.write_module("misdefined", MISDEFINED_MODULE)
     kit.write_module("empty", "VALUE = 1\n")
 
     worker = kit.start(**overrides)
@@ -318,6 +338,32 @@ def test_configuration_error_exits_78(kit: WorkerKit, overrides: dict[str, str],
     assert first_line.startswith("worker: ")
     for fragment in expected:
         assert fragment in first_line
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        pytest.param(
+            "raise RuntimeError('exploded at import')\n", "RuntimeError: exploded at import", id="raises"
+        ),
+        pytest.param(
+            "raise ConnectionError('database not reachable yet')\n",
+            "ConnectionError: database not reachable yet",
+            id="transient",
+        ),
+    ],
+)
+@pytest.mark.timeout(60)
+def test_other_import_error_exits_1(kit: WorkerKit, source: str, expected: str) -> None:
+    kit.write_module("exploding", source)
+
+    worker = kit.start(MRQ_TARGET="exploding")
+    exit_code = worker.popen.wait(timeout=30)
+    first_line = worker.stderr_lines()[0]
+
+    assert exit_code == 1
+    assert first_line == f"worker: cannot import module 'exploding': {expected} (exit 1, a restart may help)"
+    assert "Traceback" in worker.stderr_text()
 
 
 @pytest.mark.parametrize(

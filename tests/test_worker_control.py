@@ -116,24 +116,46 @@ async def test_drain_stops_consuming_and_stop_exits(kit: WorkerKit) -> None:
 async def test_invalid_commands_are_rejected_and_logged(kit: WorkerKit) -> None:
     key = command_key(kit)
     async with observe(kit) as observer:
+        # Issued before the worker started, within the age window: a replay to a new process.
+        before_start = observer.signed_command("stop", target=key)
+        await anyio.sleep(0.1)
         worker = await start_ready(kit, observer)
-        stop, _headers = observer.signed_command("stop")
-        wrong_key = observer.signed_command("stop", key=b"another-key")
-        stale = observer.signed_command("stop", issued_at=time.time() - 600)
+        stop, _headers = observer.signed_command("stop", target=key)
+        wrong_key = observer.signed_command("stop", target=key, key=b"another-key")
+        stale = observer.signed_command("stop", target=key, issued_at=time.time() - 600)
         malformed = (b"{not json", signing.sign_headers(kit.cluster_key, b"{not json"))
-        oversized = observer.signed_command("stop", {"padding": "x" * 70_000})
-        replayed = observer.signed_command("ping")
+        oversized = observer.signed_command("stop", {"padding": "x" * 70_000}, target=key)
+        # Captured on its way to instance 1 and sent to instance 0.
+        misdirected = observer.signed_command(
+            "stop", target=names.worker_command_key(kit.node, kit.service, 1)
+        )
+        expired = observer.signed_command("stop", target=key, expires_at=time.time() - 1)
+        replayed = observer.signed_command("ping", target=key)
+        # The log shows the first rejection of each kind at once, so the stale command
+        # that was issued before the start goes before the one that is too old.
         sent = [
             await observer.publish_command(key, stop, None),
             await observer.publish_command(key, *wrong_key),
+            await observer.publish_command(key, *before_start),
             await observer.publish_command(key, *stale),
             await observer.publish_command(key, *malformed),
             await observer.publish_command(key, *oversized),
+            await observer.publish_command(key, *misdirected),
+            await observer.publish_command(key, *expired),
         ]
         first_ping = await observer.publish_command(key, *replayed)
         replay = await observer.publish_command(key, *replayed)
         answered = await observer.wait_reply(first_ping)
-        for reason in ("unsigned", "bad signature", "stale", "malformed", "oversized", "replayed"):
+        for reason in (
+            "unsigned",
+            "bad signature",
+            "stale: issued before this receiver started",
+            "malformed",
+            "oversized",
+            "misdirected",
+            "expired",
+            "replayed",
+        ):
             await worker.wait_for_log(f"command rejected reason={reason}")
         checked_at = time.monotonic()
         await anyio.sleep(NO_REPLY_WAIT_S)
@@ -156,7 +178,7 @@ async def test_commands_disabled_without_cluster_key(kit: WorkerKit) -> None:
     assert await exchange_exists(kit.broker_url, names.control_exchange(kit.exchange))
 
     async with observe(kit) as observer:
-        body, headers = observer.signed_command("stop")
+        body, headers = observer.signed_command("stop", target=command_key(kit))
         correlation_id = await observer.publish_command(command_key(kit), body, headers)
         sent_at = time.monotonic()
         await anyio.sleep(NO_REPLY_WAIT_S)

@@ -391,10 +391,19 @@ class ControlObserver:
     # Commands.
 
     def signed_command(
-        self, name: str, args: Mapping[str, Any] | None = None, *, key: bytes | None = None, **fields: Any
+        self,
+        name: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        target: str | None,
+        key: bytes | None = None,
+        **fields: Any,
     ) -> tuple[bytes, dict[str, Any]]:
-        """Return the body and headers of a command signed with `key` (default: the cluster key)."""
-        command = signing.make_command(name, args, sender="worker-tests")
+        """Return the body and headers of a command for routing key `target`, signed with `key`.
+
+        `key` defaults to the cluster key; `fields` replace fields of the command.
+        """
+        command = signing.make_command(name, args, sender="worker-tests", target=target)
         if fields:
             command = command.model_copy(update=fields)
         body = command.to_json()
@@ -428,7 +437,7 @@ class ControlObserver:
         return signing.verify_reply(self.key, message.body, message.headers)
 
     async def command(self, routing_key: str, name: str, args: Mapping[str, Any] | None = None) -> Reply:
-        body, headers = self.signed_command(name, args)
+        body, headers = self.signed_command(name, args, target=routing_key)
         correlation_id = await self.publish_command(routing_key, body, headers)
         return await self.wait_reply(correlation_id)
 

@@ -15,6 +15,7 @@ from sdk.codec import JSON
 from sdk.errors import SignatureError
 from sdk.runtime import ServiceHost
 from sdk.wire import Command, Reply
+from worker import procinfo
 
 _COMMAND_TTL_MS = 30_000
 _REJECTION_LOG_INTERVAL_S = 5.0
@@ -30,7 +31,14 @@ class ControlListener:
         self.node, self.service, self.instance = identity
         self.key = key
         settings = host.settings
-        self.verifier = signing.CommandVerifier(key, max_age_s=settings.command_max_age_s)
+        # Accept only commands addressed to this instance and issued after this process
+        # started, because the nonces that an earlier process of the slot accepted are gone.
+        self.verifier = signing.CommandVerifier(
+            key,
+            max_age_s=settings.command_max_age_s,
+            targets={names.worker_command_key(self.node, self.service, self.instance)},
+            not_before=time.time() - procinfo.age_s(),
+        )
         self.handlers: dict[str, Handler] = {}
         # Rejections of each kind (the reason up to its first colon) since the last line logged
         # for that kind, and the monotonic time of that line.

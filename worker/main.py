@@ -1,7 +1,8 @@
 """Start-up of a worker: settings, logging, uvloop, the target module, exit codes.
 
 Exit codes: 0 after a clean stop, 78 (EX_CONFIG) when the target or the
-settings are wrong (a restart cannot help), 1 when it fails while running.
+settings are wrong (a restart cannot help), 1 when it fails while running or
+when importing the target raised any other error (a restart may help).
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ class ConfigurationError(Exception):
     """The worker cannot start as configured; the message is the one-line reason."""
 
 
+class ImportFailure(Exception):
+    """Importing the target raised an error that a restart may cure; the message is the one-line reason."""
+
+
+# Errors of the target's import that mean the code or the configuration is wrong. Anything
+# else (a database not reachable yet, say) may pass, so the supervisor restarts the worker.
+_CONFIGURATION_ERRORS = (ImportError, SyntaxError, DefinitionError, SettingsError)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m worker",
@@ -47,10 +57,12 @@ def load_target(target: str, resolved: SettingsModel) -> list[ServiceSpec]:
     module_name, _, wanted = target.partition(":")
     try:
         importlib.import_module(module_name)
-    except Exception as exc:
+    except _CONFIGURATION_ERRORS as exc:
         raise ConfigurationError(
             f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
         ) from exc
+    except Exception as exc:
+        raise ImportFailure(f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from exc
     try:
         specs = registry.specs(resolved.service_name)
     except DefinitionError as exc:
@@ -81,11 +93,15 @@ def _defined_in(spec: ServiceSpec, module_name: str) -> bool:
 
 
 def fail_configuration(message: str, exc: BaseException | None) -> None:
-    sys.stderr.write(f"worker: {message} (exit {names.EXIT_CONFIG}, configuration error)\n")
+    _fail(f"{message} (exit {names.EXIT_CONFIG}, configuration error)", exc, names.EXIT_CONFIG)
+
+
+def _fail(line: str, exc: BaseException | None, code: int) -> None:
+    sys.stderr.write(f"worker: {line}\n")
     if exc is not None and exc.__cause__ is not None:
         traceback.print_exception(exc.__cause__, file=sys.stderr)
     sys.stderr.flush()
-    sys.exit(names.EXIT_CONFIG)
+    sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -103,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         specs = load_target(args.target, resolved)
     except ConfigurationError as exc:
         fail_configuration(str(exc), exc)
+        return
+    except ImportFailure as exc:
+        _fail(f"{exc} (exit 1, a restart may help)", exc, 1)
         return
     from worker import logs
 
