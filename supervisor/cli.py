@@ -270,9 +270,9 @@ async def _ask(
             "start one with `mrq-supervisor start`, or check the broker URL and the exchange"
         ) from None
     if not gathered.replies and not gathered.missing and not gathered.unfinished:
-        # The command was routed, so a supervisor consumes it, but none answered.
+        # The command was routed, so a supervisor consumes it, but none replied.
         raise CommandFailed(
-            f"{name} failed: no supervisor answered within {timeout_s:g} s although one consumes "
+            f"{name} failed: no supervisor replied within {timeout_s:g} s although one consumes "
             "commands on this exchange, and the command expired, so it will not run later; the "
             "supervisor may be overloaded or stopped (SIGSTOP), or this CLI may use another key "
             "(the node then logs `command rejected reason=bad signature`); retry with a longer --timeout"

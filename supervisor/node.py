@@ -56,7 +56,7 @@ STATE_LOCK_FILE = "supervisor.lock"
 
 
 class NodeContext(Protocol):
-    """What an instance needs from its node."""
+    """The part of a node that its instances use."""
 
     node: str
     settings: SupervisorSettings
@@ -74,7 +74,7 @@ class NodeContext(Protocol):
 
 
 class StartupError(Exception):
-    """The supervisor cannot start; the message says why and what to change."""
+    """The supervisor cannot start. The message gives the reason and the setting to change."""
 
 
 class Node:
@@ -638,7 +638,7 @@ def prepare_state_dir(state_dir: Path) -> None:
 
 
 def _lock_state_dir(state_dir: Path, node: str) -> int:
-    """Take the state folder for this supervisor; raise StartupError when another one holds it.
+    """Lock the state folder for this supervisor; raise StartupError when another one has it.
 
     Two supervisors on one state folder would adopt and stop each other's
     instances. The lock goes with the process, also when it is killed.
