@@ -142,7 +142,8 @@ ControlMessage = Annotated[
     Hello | Heartbeat | Goodbye | Command | Reply | Event | NodeStatus,
     Field(discriminator="type"),
 ]
-_ADAPTER: TypeAdapter[Any] = TypeAdapter(ControlMessage)  # type: ignore[arg-type]
+# Older mypy releases reject an Annotated union here; newer ones accept it.
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(ControlMessage)  # type: ignore[arg-type, unused-ignore]
 
 
 class WireError(ValueError):

@@ -20,7 +20,7 @@ from loguru import logger
 from sdk import names
 from sdk.wire import Goodbye, Heartbeat, Hello
 from supervisor.config import ServiceConfig
-from supervisor.policy import LIVE_STATES, RestartPolicy, RestartTracker, State
+from supervisor.policy import LIVE_STATES, RestartPolicy, RestartTracker, StartSlot, State
 from supervisor.process import (
     KILL_TIMEOUT_S,
     AdoptedProcess,
@@ -121,6 +121,7 @@ class Instance:
         self._verdict: tuple[str, str] | None = None
         self._command: str | None = None
         self._exit: ExitStatus | None = None
+        self._start_slot: StartSlot | None = None
         self._ready = False
 
     @property
@@ -249,8 +250,24 @@ class Instance:
             self._command = None
             await self._wait()
             return
-        outcome = await self._run_process()
+        if self.adoptable is None:
+            self._start_slot = await self.ctx.start_slots.acquire()
+            if not self._should_run():  # a stop may have come while waiting for the slot
+                self._release_start_slot()
+                return
+        try:
+            outcome = await self._run_process()
+        finally:
+            self._release_start_slot()
         await self._after_exit(outcome)
+
+    def _should_run(self) -> bool:
+        return self.desired_up and self.state != State.FATAL
+
+    def _release_start_slot(self) -> None:
+        slot, self._start_slot = self._start_slot, None
+        if slot is not None:
+            slot.release()
 
     async def _supervision_failed(self, exc: Exception) -> None:
         error = _single_error(exc)
@@ -497,6 +514,8 @@ class Instance:
     def _set_state(self, state: State, *, reason: str | None = None) -> None:
         if state == self.state:
             return
+        if self.state == State.STARTING:
+            self._release_start_slot()
         self.state = state
         self.state_since = time.time()
         if state in (State.FATAL, State.EXITED) and reason:

@@ -39,7 +39,7 @@ from supervisor.events import EventBus
 from supervisor.group import ServiceGroup
 from supervisor.heartbeats import HeartbeatListener
 from supervisor.instance import Instance
-from supervisor.policy import LIVE_STATES, State
+from supervisor.policy import LIVE_STATES, StartSlots, State
 from supervisor.process import SpawnSpec
 from supervisor.registry import InstanceRecord, Registry, RouteInfo, ServiceRecord, registry_path
 from supervisor.sampler import Sampler
@@ -53,6 +53,8 @@ PRESENCE_INTERVAL_S = 10.0
 SHUTDOWN_GRACE_S = 10.0
 ORPHAN_MARKER = "MRQ_SUPERVISOR_STATE_DIR"
 STATE_LOCK_FILE = "supervisor.lock"
+# A starting instance gives up its start slot after this long even if it is not ready.
+START_SLOT_HOLD_MAX_S = 2.0
 
 
 class NodeContext(Protocol):
@@ -63,6 +65,8 @@ class NodeContext(Protocol):
     broker_connected: bool
     connected_since_mono: float
     reconnected: bool
+
+    start_slots: StartSlots
 
     def spawn_spec(self, instance: Instance) -> SpawnSpec: ...
     async def configuration_error(self, instance: Instance) -> str | None: ...
@@ -99,6 +103,7 @@ class Node:
         self.registry = Registry(registry_path(self.state_dir))
         self.events = EventBus(self.node, self.registry)
         self.sampler = Sampler()
+        self.start_slots = StartSlots(max(4, 2 * (os.cpu_count() or 1)), START_SLOT_HOLD_MAX_S)
         self.own_cpu_percent = 0.0
         self.own_rss_bytes = 0
         self.listener: HeartbeatListener | None = None

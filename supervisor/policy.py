@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -102,3 +103,39 @@ class RestartTracker:
     def _forget_before(self, cutoff: float) -> None:
         while self.counted and self.counted[0] < cutoff:
             self.counted.popleft()
+
+
+class StartSlots:
+    """Limits how many instances start at once.
+
+    Fifty interpreters that start together fight for the cores, so the first is
+    ready only when nearly all are. A slot is freed when its instance leaves
+    `starting`, or after `hold_max_s` at the latest, so that one slow start
+    does not hold up the others.
+    """
+
+    def __init__(self, slots: int, hold_max_s: float) -> None:
+        self._semaphore = asyncio.Semaphore(slots)
+        self.hold_max_s = hold_max_s
+
+    async def acquire(self) -> StartSlot:
+        await self._semaphore.acquire()
+        slot = StartSlot(self._semaphore)
+        slot.timer = asyncio.get_running_loop().call_later(self.hold_max_s, slot.release)
+        return slot
+
+
+class StartSlot:
+    """One taken start slot; `release()` may be called any number of times."""
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore: asyncio.Semaphore | None = semaphore
+        self.timer: asyncio.TimerHandle | None = None
+
+    def release(self) -> None:
+        semaphore, self._semaphore = self._semaphore, None
+        if semaphore is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        semaphore.release()

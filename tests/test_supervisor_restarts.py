@@ -32,7 +32,7 @@ from supkit import (
 from sdk.wire import Hello
 from supervisor.config import SupervisorSettings, load_config
 from supervisor.instance import Instance
-from supervisor.policy import RestartPolicy, RestartTracker, State
+from supervisor.policy import RestartPolicy, RestartTracker, StartSlots, State
 from supervisor.process import SpawnSpec
 
 
@@ -179,6 +179,7 @@ class FailingContext:
         self.failing_kind = failing_kind
         self.events: list[tuple[str, dict[str, Any]]] = []
         self._changed = asyncio.Event()
+        self.start_slots = StartSlots(4, 2.0)
 
     def spawn_spec(self, instance: Instance) -> SpawnSpec:
         return SpawnSpec(
