@@ -12,9 +12,6 @@ caller, which sees all replies, can tell whether any node had it.
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
-from sdk import __version__, names
+from sdk import names
 from sdk.errors import MrqError, NoRoute, RemoteError, RpcTimeout
 from supervisor import logfiles
 from supervisor.group import RollingRestart
@@ -146,7 +143,7 @@ async def status(
     node: Node, services: list[str] | None = None, *, missing_ok: bool = False
 ) -> dict[str, Any]:
     """Return the node's figures and a snapshot of its instances (of the named services only)."""
-    result = _node_status(node)
+    result = node.status()
     if not services:
         return result
     unknown = [name for name in services if name not in node.groups]
@@ -159,33 +156,6 @@ async def status(
     result["instances"] = [row for row in result["instances"] if row["service"] in wanted]
     result["services"] = {k: v for k, v in result["services"].items() if k in wanted}
     return result
-
-
-def _node_status(node: Node) -> dict[str, Any]:
-    """Return what `Node.status()` returns, with the routes as plain dicts.
-
-    NOTE: `Node.status()` reads `RouteInfo.__dict__`, which a slots dataclass lacks,
-    so it fails once a worker announced its routes; this builds the same dict.
-    """
-    return {
-        "node": node.node,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "version": __version__,
-        "started_at": node.started_at,
-        "broker_connected": node.broker_connected,
-        "cpu_percent": round(node.own_cpu_percent, 2),
-        "rss_bytes": node.own_rss_bytes,
-        "services": {
-            name: {
-                "kind": group.config.kind,
-                "replicas": group.replicas,
-                "routes": [dataclasses.asdict(route) for route in node.routes.get(name, [])],
-            }
-            for name, group in node.groups.items()
-        },
-        "instances": [instance.snapshot() for instance in node.instances()],
-    }
 
 
 async def start(
