@@ -6,12 +6,14 @@ import json
 import os
 import signal
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from test_control_kit import (
+    CLUSTER_KEY,
     SupervisorProcess,
     program_service,
     run_cli,
@@ -20,6 +22,7 @@ from test_control_kit import (
     write_config,
 )
 
+from supervisor.keys import KEY_FILE_NAME
 from supervisor.registry import registry_path
 
 pytestmark = pytest.mark.timeout(150)
@@ -30,13 +33,14 @@ def make_node(broker_url: str, unique: str, tmp_path: Path) -> Iterator[object]:
     """Return a factory of supervisors on one exchange; all are stopped when the test ends."""
     started: list[SupervisorProcess] = []
 
-    def make(name: str, *, folder: str | None = None) -> SupervisorProcess:
+    def make(name: str, *, folder: str | None = None, key: str | None = CLUSTER_KEY) -> SupervisorProcess:
         config = write_config(
             tmp_path / (folder or name),
             node=f"{name}{unique}",
             broker_url=broker_url,
             exchange=f"nodes{unique}",
             services={f"sleep{name}{unique}": program_service()},
+            key=key,
         )
         process = SupervisorProcess(config)
         started.append(process)
@@ -115,6 +119,28 @@ def test_stopped_node_dropped_from_known(make_node: object, unique: str) -> None
     assert named.returncode == 1
     assert f"node 'beta{unique}' is not running" in named.stderr
     assert time.monotonic() - began < 30
+
+
+def test_generated_key_is_private_and_read_by_local_cli(make_node: object, unique: str) -> None:
+    alpha = make_node("alpha", key=None)  # type: ignore[operator]
+    alpha.start_and_wait()
+    key_path = alpha.state_dir / KEY_FILE_NAME
+    key = key_path.read_text().strip()
+
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert len(key) >= 32
+    # The CLI finds the key in the state folder: its signed command gets an answer.
+    assert _nodes_of(alpha.config) == {f"alpha{unique}"}
+    wrong = run_cli(
+        alpha.config, "status", "--timeout", "2", env={"MRQ_CLUSTER_KEY": "not-this-cluster-key-0123456789"}
+    )
+    assert wrong.returncode == 1
+    assert "Traceback" not in wrong.stderr
+    alpha.wait_for_log("command rejected reason=bad signature")
+    instance_logs = [path.read_text(errors="replace") for path in alpha.state_dir.rglob("*.log")]
+    assert instance_logs, "the instance wrote no log file"
+    for text in (alpha.log(), alpha.stdout_path.read_text(), wrong.stdout, wrong.stderr, *instance_logs):
+        assert key not in text
 
 
 def test_no_supervisor_running_exits_1(make_node: object) -> None:

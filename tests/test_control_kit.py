@@ -59,10 +59,13 @@ def write_config(
     broker_url: str,
     exchange: str,
     services: Mapping[str, Mapping[str, Any]],
-    key: str = CLUSTER_KEY,
+    key: str | None = CLUSTER_KEY,
     extra: str = "",
 ) -> Path:
-    """Write supervisor.toml and the test service module into `folder` and return the config path."""
+    """Write supervisor.toml and the test service module into `folder` and return the config path.
+
+    With `key=None` the file names no cluster key, so the supervisor generates one.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{SERVICE_MODULE_NAME}.py").write_text(SERVICE_MODULE)
     lines = [
@@ -74,9 +77,10 @@ def write_config(
         "heartbeat_interval_s = 0.2",
         "start_timeout_s = 20",
         'dashboard = "off"',
-        f"cluster_key = {json.dumps(key)}",
-        extra,
     ]
+    if key is not None:
+        lines.append(f"cluster_key = {json.dumps(key)}")
+    lines.append(extra)
     for name, settings in services.items():
         lines.append(f"\n[services.{name}]")
         for item, value in settings.items():
