@@ -286,6 +286,13 @@ stdout_logfile={folder}/child_%(process_num)03d.log
         path.write_text(text)
         return [str(self.supervisord), "-n", "-c", str(path)]
 
+    def env(self, spec: FleetSpec) -> dict[str, str]:
+        # supervisord's package is named `supervisor` too: with this repository on
+        # PYTHONPATH (scripts/bench puts it there), ours would shadow it.
+        env = super().env(spec)
+        env.pop("PYTHONPATH", None)
+        return env
+
 
 class CircusLauncher(Launcher):
     """circusd with one watcher of `numprocesses` copies; its ZeroMQ endpoints are Unix sockets."""
