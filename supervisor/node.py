@@ -563,10 +563,25 @@ class Node:
             instance.check_memory(now)
 
     async def _rotate_loop(self) -> None:
+        paths: dict[tuple[str, int], str] = {}
         while True:
             await asyncio.sleep(ROTATE_INTERVAL_S)
-            paths = [logfiles.instance_log_path(self.state_dir, i.service, i.index) for i in self.instances()]
-            await anyio.to_thread.run_sync(self._rotate, paths)
+            # A stat of a local file takes microseconds, less than a hop to a worker
+            # thread, so only the rotation itself goes to one.
+            oversize: list[Path] = []
+            for instance in self.instances():
+                key = (instance.service, instance.index)
+                path = paths.get(key)
+                if path is None:
+                    path = paths[key] = str(logfiles.instance_log_path(self.state_dir, *key))
+                try:
+                    size = os.stat(path).st_size
+                except OSError:
+                    continue
+                if size > self.settings.log_max_bytes:
+                    oversize.append(Path(path))
+            if oversize:
+                await anyio.to_thread.run_sync(self._rotate, oversize)
 
     def _rotate(self, paths: list[Path]) -> None:
         for path in paths:
