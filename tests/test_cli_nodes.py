@@ -121,7 +121,7 @@ def test_stopped_node_dropped_from_known(make_node: object, unique: str) -> None
     assert time.monotonic() - began < 30
 
 
-def test_generated_key_is_private_and_read_by_local_cli(make_node: object, unique: str) -> None:
+def test_generated_key_used_by_local_cli(make_node: object, unique: str) -> None:
     alpha = make_node("alpha", key=None)  # type: ignore[operator]
     alpha.start_and_wait()
     key_path = alpha.state_dir / KEY_FILE_NAME
@@ -129,7 +129,7 @@ def test_generated_key_is_private_and_read_by_local_cli(make_node: object, uniqu
 
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
     assert len(key) >= 32
-    # The CLI finds the key in the state folder: its signed command gets an answer.
+    # The CLI reads the key from the state folder, so the node replies to its signed command.
     assert _nodes_of(alpha.config) == {f"alpha{unique}"}
     wrong = run_cli(
         alpha.config, "status", "--timeout", "2", env={"MRQ_CLUSTER_KEY": "not-this-cluster-key-0123456789"}
