@@ -48,7 +48,7 @@ class Startup:
                     "ping": "-",
                 }
             )
-        console.print(services_table(rows, title="Known services (from the registry, before this start)"))
+        console().print(services_table(rows, title="Known services (from the registry, before this start)"))
 
     async def wait_ready_and_report(self) -> None:
         """Show progress until every instance is ready or settled, then ping and print the table."""
@@ -59,7 +59,7 @@ class Startup:
             logger.info("start-up interrupted by a stop request node={}", node.node)
             return
         pings = await self._ping_services()
-        console.print(services_table(self._rows(pings), title=f"Services on node {node.node}"))
+        console().print(services_table(self._rows(pings), title=f"Services on node {node.node}"))
         url = getattr(node, "dashboard_url", None)
         if url:
             print_line(f"Dashboard: {url}")
@@ -77,7 +77,7 @@ class Startup:
         total = len(node.instances())
         deadline = time.monotonic() + limit_s
         shown = -1
-        status = console.status("", spinner="dots") if sys.stdout.isatty() else None
+        status = console().status("", spinner="dots") if sys.stdout.isatty() else None
         if status is not None:
             status.start()
         try:
