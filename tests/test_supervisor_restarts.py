@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from supkit import (
     BROKEN_MODULE,
     CRASH_MODULE,
     NORMAL_MODULE,
+    SUPERVISOR,
     SupKit,
     is_running,
     render_config,
@@ -242,3 +244,82 @@ async def test_supervision_error_makes_instance_fatal(tmp_path: Path) -> None:
     failures = [line for line in errors if "instance supervision failed service=crasher" in line]
     assert len(failures) == 1, errors
     assert "Traceback" in failures[0]
+
+
+# Each run counts itself in a file. Runs 1, 2 and 4 exit with 3 at once, run 3 exits
+# with 3 after 1.5 s (longer than stable_after_s), and run 5 keeps running.
+COUNTED_RUNS_SCRIPT = """
+n=$(cat "$1" 2>/dev/null || echo 0); n=$((n + 1)); echo "$n" > "$1"
+if [ "$n" -ge 5 ]; then exec sleep 1000; fi
+if [ "$n" -eq 3 ]; then sleep 1.5; fi
+exit 3
+"""
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_stable_run_resets_backoff(kit: SupKit) -> None:
+    flaky = kit.service("flaky")
+    counter = kit.folder / "runs"
+    kit.write_config(
+        {
+            flaky: {
+                "command": ["sh", "-c", COUNTED_RUNS_SCRIPT, "sh", str(counter)],
+                "max_restarts": 10,
+                "backoff_initial_s": 0.4,
+                "stable_after_s": 1.0,
+            }
+        }
+    )
+    async with kit.watcher() as watcher:
+        await kit.start()
+        # The watcher checks after each event, and the fifth run writes its count after
+        # its start event, so this counts start events rather than reading the file.
+        await watcher.wait_until(
+            lambda: len(watcher.events_of("instance.started", flaky, 0)) == 5, "the fifth start", 30
+        )
+
+    backoffs = [e.data["backoff_s"] for e in watcher.events_of("instance.restarting", flaky)]
+    assert len(backoffs) == 4, watcher.describe()
+    assert backoffs[0] == 0, f"the first restart is immediate: {backoffs}"
+    assert backoffs[1] > 0, f"the second restart in a row waits: {backoffs}"
+    assert backoffs[2] == 0, f"a restart after a stable run is immediate again: {backoffs}"
+    assert backoffs[3] > 0, f"the backoff grows again after a short run: {backoffs}"
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(90)
+async def test_operator_start_clears_fatal(kit: SupKit) -> None:
+    broken = kit.service("broken")
+    repaired = kit.folder / "repaired"
+    script = f'if [ -f "{repaired}" ]; then exec sleep 1000; fi; exit 3'
+    kit.write_config({broken: {"command": ["sh", "-c", script], "max_restarts": 1}})
+    async with kit.watcher() as watcher:
+        await kit.start()
+        await watcher.wait_event("instance.fatal", broken, 0)
+        await anyio.sleep(1.0)  # a restart after fatal would come at once
+        starts_before = len(watcher.events_of("instance.started", broken, 0))
+
+        repaired.touch()
+        mark = watcher.mark()
+        result = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [SUPERVISOR, "start", broken, "-c", str(kit.config_path)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={k: v for k, v in os.environ.items() if not k.startswith("MRQ_")},
+                check=False,
+            )
+        )
+        await watcher.wait_event("instance.running", broken, 0, since=mark)
+
+    assert result.returncode == 0, result.stderr
+    assert starts_before == 2, watcher.describe()
+    started = watcher.events_of("instance.started", broken, 0, mark)
+    assert len(started) == 1, watcher.describe()
+    assert is_running(started[0].data["pid"])
+    snapshot = await kit.wait_for_registry(
+        lambda s: [i.state for i in s.instances] == ["running"], "state running"
+    )
+    assert snapshot.instances[0].pid == started[0].data["pid"]
