@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,27 +307,44 @@ async def publish_raw(
     reply_wait_s: float = 0.0,
 ) -> list[bytes]:
     """Publish one message with plain aio-pika and return the reply bodies that came within `reply_wait_s`."""
+    replies = await publish_raw_many(broker_url, exchange, routing_key, [(body, headers)], reply_wait_s)
+    return [reply for _correlation_id, reply in replies]
+
+
+async def publish_raw_many(
+    broker_url: str,
+    exchange: str,
+    routing_key: str,
+    messages: Sequence[tuple[bytes, Mapping[str, Any] | None]],
+    reply_wait_s: float = 0.0,
+) -> list[tuple[str | None, bytes]]:
+    """Publish the messages with plain aio-pika, then wait `reply_wait_s` once.
+
+    Return the replies that came as (correlation id, body). Message N of `messages`
+    (from 1) has the correlation id `raw-N`.
+    """
     import aio_pika
     import anyio
 
-    replies: list[bytes] = []
+    replies: list[tuple[str | None, bytes]] = []
     connection = await aio_pika.connect(broker_url, timeout=10)
     async with connection:
         channel = await connection.channel()
         reply_queue = await channel.declare_queue("amq.rabbitmq.reply-to", passive=True)
 
         async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            replies.append(message.body)
+            replies.append((message.correlation_id, message.body))
 
         await reply_queue.consume(on_reply, no_ack=True)
         target = await channel.get_exchange(exchange, ensure=False)
-        message = aio_pika.Message(
-            body,
-            headers=dict(headers) if headers else None,
-            reply_to="amq.rabbitmq.reply-to",
-            correlation_id="raw-1",
-            content_type="application/json",
-        )
-        await target.publish(message, routing_key=routing_key)
+        for number, (body, headers) in enumerate(messages, start=1):
+            message = aio_pika.Message(
+                body,
+                headers=dict(headers) if headers else None,
+                reply_to="amq.rabbitmq.reply-to",
+                correlation_id=f"raw-{number}",
+                content_type="application/json",
+            )
+            await target.publish(message, routing_key=routing_key)
         await anyio.sleep(reply_wait_s)
     return replies
