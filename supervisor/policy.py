@@ -106,9 +106,9 @@ class RestartTracker:
 
 
 class StartSlots:
-    """Limits how many instances start at once.
+    """A limit on how many instances start at once.
 
-    Fifty interpreters that start together fight for the cores, so the first is
+    Fifty interpreters that start together share the cores, so the first is
     ready only when nearly all are. A slot is freed when its instance leaves
     `starting`, or after `hold_max_s` at the latest, so that one slow start
     does not hold up the others.
@@ -126,7 +126,7 @@ class StartSlots:
 
 
 class StartSlot:
-    """One taken start slot; `release()` may be called any number of times."""
+    """A start slot in use. Calling `release()` again does nothing."""
 
     def __init__(self, semaphore: asyncio.Semaphore) -> None:
         self._semaphore: asyncio.Semaphore | None = semaphore
